@@ -1,0 +1,3 @@
+from kdad.cli import main
+
+raise SystemExit(main())

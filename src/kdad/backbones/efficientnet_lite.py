@@ -1,0 +1,135 @@
+"""EfficientNet-Lite0/1/2 in plain torch, loading the lukemelas-format ImageNet weights.
+
+Lite differs from EfficientNet-B*: no squeeze-excitation, ReLU6 instead of swish, a fixed 32-channel
+stem and 1280-channel head, and the first and last stages never repeated. Convolutions use
+TensorFlow "SAME" padding (asymmetric for stride 2), BatchNorm eps 1e-3, as the weights were trained.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Base (Lite0) stages: kernel, stride, expand ratio, in channels, out channels, repeats.
+_BASE_STAGES = (
+    (3, 1, 1, 32, 16, 1),
+    (3, 2, 6, 16, 24, 2),
+    (5, 2, 6, 24, 40, 2),
+    (3, 2, 6, 40, 80, 3),
+    (5, 1, 6, 80, 112, 3),
+    (5, 2, 6, 112, 192, 4),
+    (3, 1, 6, 192, 320, 1),
+)
+# name -> (width multiplier, depth multiplier, ImageNet resolution)
+LITE_PARAMS = {
+    "efficientnet_lite0": (1.0, 1.0, 224),
+    "efficientnet_lite1": (1.0, 1.1, 240),
+    "efficientnet_lite2": (1.1, 1.2, 260),
+}
+_BN = {"eps": 1e-3, "momentum": 0.01}
+
+
+def _round_filters(c: int, width: float, divisor: int = 8) -> int:
+    """Scale channels by ``width``, rounded to a multiple of 8 without dropping below 90%."""
+    c *= width
+    new = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    if new < 0.9 * c:
+        new += divisor
+    return int(new)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding computed from the input size (extra pixel right)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation (the Lite variant)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = Conv2dSame(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = Conv2dSame(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite classifier whose stages ``stage1``..``stage7`` can be read as features."""
+
+    def __init__(self, name: str = "efficientnet_lite0", num_classes: int = 1000) -> None:
+        super().__init__()
+        width, depth, _ = LITE_PARAMS[name]
+        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        blocks: list[nn.Module] = []
+        self.stage_ends: list[int] = []  # index of the last block of each stage
+        self.stage_channels: list[int] = []
+        self.stage_strides: list[int] = []
+        stride_total = 2
+        for i, (k, s, e, cin, cout, n) in enumerate(_BASE_STAGES):
+            cin = 32 if i == 0 else _round_filters(cin, width)
+            cout = _round_filters(cout, width)
+            if 0 < i < len(_BASE_STAGES) - 1:
+                n = int(math.ceil(n * depth))
+            for j in range(n):
+                blocks.append(MBConv(cin if j == 0 else cout, cout, k, s if j == 0 else 1, e))
+            stride_total *= s
+            self.stage_ends.append(len(blocks) - 1)
+            self.stage_channels.append(cout)
+            self.stage_strides.append(stride_total)
+        self._blocks = nn.ModuleList(blocks)
+        cout = self.stage_channels[-1]
+        self._conv_head = Conv2dSame(cout, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._fc = nn.Linear(1280, num_classes)
+
+    @property
+    def stages(self) -> dict[str, tuple[int, int]]:
+        """Feature stage name -> (channels, stride)."""
+        return {
+            f"stage{i + 1}": (c, s)
+            for i, (c, s) in enumerate(zip(self.stage_channels, self.stage_strides))
+        }
+
+    def features(self, x: Tensor, names: list[str]) -> list[Tensor]:
+        """Outputs of the named stages, running only as deep as the deepest one needs."""
+        ends = {self.stage_ends[int(n.removeprefix("stage")) - 1]: n for n in names}
+        out: dict[str, Tensor] = {}
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in ends:
+                out[ends[i]] = x
+                if len(out) == len(ends):
+                    break
+        return [out[n] for n in names]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """ImageNet logits (B, 1000)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -1,0 +1,107 @@
+"""The ``kdad`` command: parses arguments and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from kdad.errors import KdadError
+
+
+def _metrics_table(metrics: dict[str, float | None]) -> str:
+    width = max(map(len, metrics))
+    rows = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    rows += [f"{k:<{width}}  {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items()]
+    return "\n".join(rows)
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, help="dataset folder")
+    p.add_argument("--layout", choices=["auto", "mvtec", "folder", "mtd"],
+                   help="folder layout (default: detected)")
+    p.add_argument("--category", help="MVTec category, when --data is the dataset root")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdad", description="Defect detection by knowledge distillation."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train a model on good images")
+    _data_args(t, required=False)
+    t.add_argument("--model", help="method (default rd)")
+    t.add_argument("--backbone", help="teacher (default efficientnet_lite0)")
+    t.add_argument("--stages", nargs="+", help="teacher stages feeding distillation")
+    t.add_argument("--weights", help="local teacher weight file")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--num-workers", type=int)
+    t.add_argument("--out", help="run folder (default runs/latest)")
+    t.add_argument("--config", help="YAML run config; flags override it")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("test", help="compute metrics on a labelled test set")
+    e.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    _data_args(e, required=False)
+    e.add_argument("--out", help="folder for metrics.json (default: the checkpoint's folder)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="score images and write heatmaps")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kdad  # deferred: `kdad --help` stays fast
+
+    if args.verb == "train":
+        overrides = {k: getattr(args, k) for k in (
+            "data", "layout", "category", "model", "backbone", "stages", "weights", "epochs",
+            "batch_size", "image_size", "lr", "seed", "device", "num_workers", "out")}
+        ckpt = kdad.train(config=args.config, resume=args.resume,
+                          progress=not args.no_progress, **overrides)
+        print(f"checkpoint: {ckpt}")
+    elif args.verb == "test":
+        ckpt = Path(args.checkpoint)
+        out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent)
+        res = kdad.evaluate(ckpt, args.data, args.layout, args.category, out,
+                            args.batch_size, args.device)
+        print(_metrics_table(res["metrics"]))
+        print(f"metrics: {Path(out) / 'metrics.json'}")
+    elif args.verb == "predict":
+        det = kdad.load(args.checkpoint, args.device)
+        csv_path = det.predict_files(args.inputs, args.out, args.batch_size)
+        print(f"predictions: {csv_path}")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"kdad: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kdad`` console script; bad input ends with one line and status 2."""
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
+    try:
+        return _run(args)
+    except KdadError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        print(f"kdad: error: {lines[-1] if lines else e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdad: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,149 @@
+"""Typed run configuration: dataclasses, loaded from and saved to YAML, overridden by the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdad.errors import KdadError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are laid out and sized."""
+
+    path: str = ""
+    layout: str = "auto"  # auto | mvtec | folder | mtd
+    category: str | None = None  # MVTec category folder, when path is the dataset root
+    image_size: int = 256  # images are resized to image_size x image_size
+    normal_dir: str = "good"  # folder layout: good images
+    abnormal_dir: str = "defect"  # folder layout: defective images (test only)
+    mask_dir: str = "mask"  # folder layout: masks named like their image
+
+
+@dataclass
+class ModelConfig:
+    """Which method, which teacher, and the method's own options (see its ``Options``)."""
+
+    name: str = "rd"
+    backbone: str = "efficientnet_lite0"
+    stages: list[str] | None = None  # teacher stages feeding distillation; None = backbone default
+    weights: str | None = None  # local teacher weight file; None = package or download cache
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Defaults are RD's official settings."""
+
+    epochs: int = 200
+    batch_size: int = 16
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to reproduce a run; saved as RUN_DIR/config.yaml and in the checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/latest"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) safe for YAML and ``weights_only`` checkpoints."""
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from nested dicts, rejecting unknown keys with their location."""
+        return _build(cls, d, where)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise KdadError(f"{where}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in fields:
+            raise KdadError(f"{where}: unknown key {k!r}; known: {', '.join(fields)}")
+        default = fields[k].default_factory() if callable(fields[k].default_factory) else None
+        if dataclasses.is_dataclass(default):
+            v = _build(type(default), v, f"{where}.{k}")
+        elif isinstance(fields[k].default, tuple):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config; a missing file or bad key is a one-line error."""
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise KdadError(f"{path}: cannot read config ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise KdadError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from e
+    return RunConfig.from_dict(d, str(path))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the config as YAML (atomically: a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# Flat names (CLI flags, keyword arguments of kdad.train) -> dotted config fields.
+OVERRIDES = {
+    "data": "data.path",
+    "layout": "data.layout",
+    "category": "data.category",
+    "image_size": "data.image_size",
+    "model": "model.name",
+    "backbone": "model.backbone",
+    "stages": "model.stages",
+    "weights": "model.weights",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+    "num_workers": "train.num_workers",
+    "out": "out",
+}
+
+
+def apply_overrides(cfg: RunConfig, **values: Any) -> RunConfig:
+    """Set the fields named by OVERRIDES; None values are left alone."""
+    for key, value in values.items():
+        if key not in OVERRIDES:
+            raise KdadError(f"unknown setting {key!r}; known: {', '.join(OVERRIDES)}")
+        if value is None:
+            continue
+        *parents, leaf = OVERRIDES[key].split(".")
+        obj = cfg
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, str(value) if key in ("data", "out", "weights") else value)
+    return cfg

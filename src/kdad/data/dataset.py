@@ -1,0 +1,63 @@
+"""Torch dataset: read, resize to a square, normalise with the teacher's statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from kdad.data.io import read_image, read_mask
+from kdad.data.layouts import Sample
+from kdad.errors import KdadError
+
+
+def resize_image(img: Tensor, size: int) -> Tensor:
+    """(3, H, W) in [0, 1] -> (3, size, size), bilinear with antialiasing."""
+    return F.interpolate(
+        img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0].clamp_(0, 1)
+
+
+def preprocess(img: np.ndarray, size: int, mean: Tensor, std: Tensor) -> Tensor:
+    """(H, W, 3) float image in [0, 1] -> model input (3, size, size), normalised."""
+    x = torch.from_numpy(img).permute(2, 0, 1)  # (3, H, W)
+    return (resize_image(x, size) - mean) / std
+
+
+class ImageDataset(Dataset):
+    """Samples as dicts: image (3, S, S) normalised, mask (S, S), has_mask, label, index."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        self.samples = samples
+        self.size = image_size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        s = self.samples[i]
+        img = read_image(s.path)  # (H, W, 3)
+        mask = torch.zeros(self.size, self.size)
+        if s.mask is not None:
+            m = torch.from_numpy(read_mask(s.mask)).float()  # (h, w)
+            if m.shape != img.shape[:2]:
+                raise KdadError(
+                    f"{s.mask}: mask is {tuple(m.shape)} but its image {s.path.name} is "
+                    f"{img.shape[:2]}"
+                )
+            m = F.interpolate(m[None, None], size=(self.size, self.size), mode="bilinear")
+            mask = (m[0, 0] > 0.5).float()  # (S, S)
+        # A defective image without a mask has unknown defect pixels: kept out of pixel metrics.
+        has_mask = s.label != 1 or s.mask is not None
+        return {"image": preprocess(img, self.size, self.mean, self.std), "mask": mask, "has_mask": torch.tensor(has_mask),
+                "label": torch.tensor(s.label), "index": torch.tensor(i)}

@@ -1,0 +1,197 @@
+"""Find samples on disk: MVTec, folder and Magnetic Tile layouts, detected when not named.
+
+A layout turns a folder into ``Sample`` records (image path, label, mask path). Problems in the
+folder are reported by file: a defective image without a mask or a mask without an image warns,
+an empty folder or an unknown layout is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from kdad.data.io import is_image_file
+from kdad.errors import KdadError
+
+LAYOUTS = ("auto", "mvtec", "folder", "mtd")
+
+
+class KdadWarning(UserWarning):
+    """A problem in the data that does not stop the run."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path, 0 = good / 1 = defective, its mask (None = no defect pixels known)."""
+
+    path: Path
+    label: int
+    mask: Path | None = None
+    defect: str = "good"
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}_mask", stem):
+        for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+            if (folder / (name + ext)).is_file():
+                return folder / (name + ext)
+    return None
+
+
+def _warn_orphans(mask_dir: Path, used: set[Path]) -> None:
+    """Warn about masks no image claimed (``used`` holds the claimed masks and the images)."""
+    orphans = [p.name for p in _images(mask_dir) if p not in used]
+    if orphans:
+        shown = ", ".join(orphans[:3]) + (", ..." if len(orphans) > 3 else "")
+        warnings.warn(
+            f"{mask_dir}: {len(orphans)} mask(s) match no image, ignored: {shown}",
+            KdadWarning,
+            stacklevel=3,
+        )
+
+
+def _defective(images: list[Path], mask_dir: Path, defect: str) -> list[Sample]:
+    """Samples for defective images, each with its mask; warn for images and masks unmatched."""
+    samples, used = [], set(images)  # images may share the mask folder (Magnetic Tile)
+    for p in images:
+        mask = _find_mask(mask_dir, p.stem)
+        if mask is None:
+            warnings.warn(
+                f"{p}: defective image has no mask in {mask_dir}; left out of pixel metrics",
+                KdadWarning,
+                stacklevel=3,
+            )
+        else:
+            used.add(mask)
+        samples.append(Sample(p, 1, mask, defect))
+    _warn_orphans(mask_dir, used)
+    return samples
+
+
+def _mvtec_root(root: Path, category: str | None) -> Path:
+    if category:
+        if not (root / category).is_dir():
+            raise KdadError(f"{root}: no category folder {category!r}")
+        return root / category
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return root
+    cats = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    raise KdadError(f"{root}: several categories, pass --category (one of {', '.join(cats)})")
+
+
+def _mvtec(root: Path, split: str, category: str | None) -> list[Sample]:
+    root = _mvtec_root(root, category)
+    if split == "train":
+        return [Sample(p, 0) for p in _images(root / "train" / "good")]
+    samples: list[Sample] = []
+    test = root / "test"
+    for d in sorted(p for p in test.iterdir() if p.is_dir()) if test.is_dir() else []:
+        if d.name == "good":
+            samples += [Sample(p, 0) for p in _images(d)]
+        else:
+            samples += _defective(_images(d), root / "ground_truth" / d.name, d.name)
+    return samples
+
+
+def _folder(root: Path, split: str, normal: str, abnormal: str, masks: str) -> list[Sample]:
+    direct = _images(root)
+    if direct:  # a plain folder of good images
+        return [Sample(p, 0) for p in direct]
+    samples = [Sample(p, 0) for p in _images(root / normal)]
+    if split == "test":
+        samples += _defective(_images(root / abnormal), root / masks, abnormal)
+    return samples
+
+
+def mtd_train_names() -> set[str]:
+    """The 761 DifferNet training images of Magnetic Tile (file names in MT_Free/Imgs)."""
+    text = resources.files("kdad.data").joinpath("splits/mtd_differnet_train.txt").read_text()
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def _mtd(root: Path, split: str) -> list[Sample]:
+    train = mtd_train_names()
+    free = [p for p in _images(root / "MT_Free" / "Imgs") if p.suffix.lower() == ".jpg"]
+    missing = train - {p.name for p in free}
+    if missing:
+        raise KdadError(
+            f"{root / 'MT_Free' / 'Imgs'}: {len(missing)} DifferNet training images missing, "
+            f"e.g. {sorted(missing)[0]}"
+        )
+    if split == "train":
+        return [Sample(p, 0) for p in free if p.name in train]
+    samples = [Sample(p, 0) for p in free if p.name not in train]
+    for d in sorted(root.glob("MT_*")):
+        if d.name == "MT_Free" or not (d / "Imgs").is_dir():
+            continue
+        imgs = [p for p in _images(d / "Imgs") if p.suffix.lower() == ".jpg"]
+        samples += _defective(imgs, d / "Imgs", d.name.removeprefix("MT_"))
+    return samples
+
+
+def detect_layout(root: Path) -> str:
+    """Name the layout of ``root`` from its folders, or raise naming what was expected."""
+    if (root / "MT_Free" / "Imgs").is_dir():
+        return "mtd"
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return "mvtec"
+    if any((p / "train").is_dir() for p in root.iterdir() if p.is_dir()):
+        return "mvtec"
+    if _images(root) or (root / "good").is_dir():
+        return "folder"
+    raise KdadError(
+        f"{root}: cannot tell the layout: expected MT_Free/Imgs (mtd), train/ or test/ (mvtec), "
+        "or images or good/ (folder)"
+    )
+
+
+def find_samples(
+    root: str | Path,
+    split: str,
+    layout: str = "auto",
+    category: str | None = None,
+    normal_dir: str = "good",
+    abnormal_dir: str = "defect",
+    mask_dir: str = "mask",
+) -> list[Sample]:
+    """Samples of ``split`` ("train": good images to fit; "test": everything labelled)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise KdadError(f"{root}: data folder not found")
+    if split not in ("train", "test"):
+        raise KdadError(f"split must be train or test, not {split!r}")
+    if layout not in LAYOUTS:
+        raise KdadError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "mvtec":
+        samples = _mvtec(root, split, category)
+    elif layout == "mtd":
+        samples = _mtd(root, split)
+    else:
+        samples = _folder(root, split, normal_dir, abnormal_dir, mask_dir)
+    if not samples:
+        raise KdadError(f"{root}: no {split} images found ({layout} layout)")
+    return samples
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (sorted, not recursively) in named folders."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = _images(item)
+            if not found:
+                raise KdadError(f"{item}: no images found")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise KdadError(f"{item}: no such file or folder")
+    return paths

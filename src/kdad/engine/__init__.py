@@ -1,0 +1,1 @@
+"""Engine: fit, infer, checkpoint. Takes a config and a model, knows nothing of the CLI."""

@@ -1,0 +1,117 @@
+"""The training loop: seeded, one progress bar with loss and ETA, a checkpoint every epoch,
+and resume that reproduces an unbroken run exactly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from kdad.backbones import get_spec
+from kdad.config import RunConfig, save_config
+from kdad.data.dataset import ImageDataset
+from kdad.data.layouts import find_samples
+from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.errors import KdadError
+from kdad.models import KDModel, build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise KdadError(f"unknown device {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdadError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return dev
+
+
+def model_from_config(cfg: RunConfig, pretrained: bool = True) -> KDModel:
+    """The configured model; ``pretrained=False`` skips teacher weights (a checkpoint has them)."""
+    m = cfg.model
+    return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
+
+
+def train_dataset(cfg: RunConfig) -> ImageDataset:
+    """The good training images of ``cfg.data``, normalised for the configured teacher."""
+    d = cfg.data
+    samples = find_samples(
+        d.path, "train", d.layout, d.category, d.normal_dir, d.abnormal_dir, d.mask_dir
+    )
+    spec = get_spec(cfg.model.backbone)
+    return ImageDataset(samples, d.image_size, spec.mean, spec.std)
+
+
+def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int) -> DataLoader:
+    """Shuffled by a generator seeded from (seed, epoch): resuming at any epoch replays it."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+    order = torch.randperm(len(ds), generator=g).tolist()
+    return DataLoader(
+        ds, batch_size=cfg.train.batch_size, sampler=order, num_workers=cfg.train.num_workers
+    )
+
+
+def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``cfg`` into ``cfg.out``; returns the checkpoint path.
+
+    An existing run folder is never overwritten: continue it with ``resume=True`` (its saved
+    config wins, except that ``train.epochs`` may be raised) or choose another ``out``.
+    """
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    state = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise KdadError(f"{ckpt_path}: nothing to resume")
+        state = load_checkpoint(ckpt_path)
+        epochs = cfg.train.epochs
+        cfg = RunConfig.from_dict(state["config"], str(ckpt_path))
+        cfg.train.epochs = max(epochs, cfg.train.epochs)
+    elif ckpt_path.exists():
+        raise KdadError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise KdadError("epochs and batch size must be at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    ds = train_dataset(cfg)
+    model = model_from_config(cfg, pretrained=state is None).to(device)
+    t = cfg.train
+    opt = torch.optim.Adam(model.param_groups(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    start, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"], list(state["history"])
+
+    steps = -(-len(ds) // t.batch_size)
+    bar = tqdm(total=t.epochs * steps, initial=start * steps, disable=not progress,
+               unit="step", dynamic_ncols=True)
+    for epoch in range(start, t.epochs):
+        model.train()
+        tic, total, n = time.perf_counter(), 0.0, 0
+        for batch in _loader(ds, cfg, epoch):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            parts = model.loss(batch, model(batch["image"]))
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            opt.step()
+            total += parts["loss"].item() * len(batch["image"])
+            n += len(batch["image"])
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
+        history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - tic})
+        save_checkpoint(ckpt_path, {
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "epoch": epoch + 1, "history": history, "calibration": None,
+        })
+    bar.close()
+    return ckpt_path

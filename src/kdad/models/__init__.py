@@ -1,0 +1,35 @@
+"""MODELS: every registered method by name, in one explicit dict."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kdad.errors import KdadError
+from kdad.models.base import KDModel, Output
+from kdad.models.rd import RD
+
+MODELS: dict[str, type[KDModel]] = {
+    "rd": RD,
+}
+
+
+def build_model(
+    name: str,
+    backbone: str,
+    stages: list[str] | None = None,
+    options: dict | None = None,
+    pretrained: bool = True,
+    weights: str | None = None,
+) -> KDModel:
+    """Instantiate a registered model, checking its options against the model's dataclass."""
+    if name not in MODELS:
+        raise KdadError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    cls = MODELS[name]
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    bad = sorted(set(options or {}) - known)
+    if bad:
+        raise KdadError(f"model {name} has no option {bad[0]!r}; options: {', '.join(known)}")
+    return cls(backbone, stages, pretrained, weights, cls.Options(**(options or {})))
+
+
+__all__ = ["MODELS", "KDModel", "Output", "build_model"]

@@ -1,0 +1,32 @@
+"""The model contract every kdad method follows (see DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+
+class Output(NamedTuple):
+    """What a model returns in eval mode."""
+
+    anomaly_map: Tensor  # (B, H, W) at input resolution, higher = more anomalous
+    score: Tensor  # (B,) image anomaly score
+
+
+class KDModel(nn.Module):
+    """A teacher-student detector: train mode returns what ``loss`` needs, eval mode ``Output``.
+
+    Subclasses set ``Options`` to a dataclass of their own settings (``cfg.model.options``).
+    """
+
+    Options: type = object
+    needs_synthetic: bool = False  # the dataset adds synthetic defects and masks when True
+
+    def loss(self, batch: dict[str, Tensor], out: Any) -> dict[str, Tensor]:
+        """``{"loss": total, **named parts to log}`` for a training batch."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: the trainable parts only, the teacher stays frozen."""
+        raise NotImplementedError
