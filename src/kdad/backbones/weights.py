@@ -65,7 +65,8 @@ def _package_file(src: WeightSource) -> Path:
 
 
 def load_state_dict(src: WeightSource, path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Load a verified state dict from ``path``, else the package file, else the URL (cached)."""
+    """Load a state dict from ``path``, else the package's file, else torch.hub (cache first,
+    downloading once). Every file, a cached one included, is checked against its name's hash."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -73,14 +74,16 @@ def load_state_dict(src: WeightSource, path: str | Path | None = None) -> dict[s
     elif src.package is not None:
         path = _package_file(src)
     elif src.url is not None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / src.filename
+        if cached.is_file():  # torch.hub checks the hash only while downloading
+            verify_sha256(cached)
         try:
             return torch.hub.load_state_dict_from_url(
                 src.url, map_location="cpu", check_hash=True, weights_only=True
             )
-        except (OSError, RuntimeError) as e:
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / src.filename
+        except (OSError, RuntimeError, ValueError) as e:
             raise KdadError(
-                f"cannot get {src.url} ({e}); put the file at {cache} or pass its path"
+                f"cannot get {src.url} ({e}); put the file at {cached} or pass its path"
             ) from e
     else:
         raise KdadError(f"no source for weights {src.filename}")
