@@ -28,8 +28,9 @@ from kdad.metrics import image_auroc
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -56,9 +57,17 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/rd_mtd.json")
     args = ap.parse_args()
 
-    ckpt = kdad.train(data=args.data, layout="mtd", model="rd", backbone=args.backbone,
-                      epochs=args.epochs, image_size=args.image_size, seed=args.seed,
-                      out=args.run_dir, progress=False)
+    ckpt = kdad.train(
+        data=args.data,
+        layout="mtd",
+        model="rd",
+        backbone=args.backbone,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        seed=args.seed,
+        out=args.run_dir,
+        progress=False,
+    )
     history = torch.load(ckpt, weights_only=True)["history"]
     res = kdad.evaluate(ckpt, out=args.run_dir)
 
@@ -67,8 +76,9 @@ def main() -> None:
     per_class = {}
     for defect in sorted({r["defect"] for r in scores.values()} - {"good"}):
         rows = good + [r for r in scores.values() if r["defect"] == defect]
-        per_class[defect] = image_auroc(np.array([r["score"] for r in rows]),
-                                        np.array([r["label"] for r in rows]))
+        per_class[defect] = image_auroc(
+            np.array([r["score"] for r in rows]), np.array([r["label"] for r in rows])
+        )
 
     det = kdad.load(ckpt, device="cpu")
     images = [read_image(r["path"]) for r in list(scores.values())[:32]]
@@ -77,22 +87,40 @@ def main() -> None:
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "settings": vars(args),
         "metrics": res["metrics"],
         "image_auroc_per_class": per_class,
         "counts": res["counts"],
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])),
         "final_loss": history[-1]["loss"],
-        "images_per_second": {"batch1": _throughput(det, images, 1, 1),
-                              "batch16": _throughput(det, images, 16, 2)},
+        "images_per_second": {
+            "batch1": _throughput(det, images, 1, 1),
+            "batch16": _throughput(det, images, 16, 2),
+        },
         "protocol": res["protocol"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("metrics", "image_auroc_per_class",
-                                             "seconds_per_epoch", "images_per_second")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "metrics",
+                    "image_auroc_per_class",
+                    "seconds_per_epoch",
+                    "images_per_second",
+                )
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

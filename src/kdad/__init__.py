@@ -1,10 +1,10 @@
 """kdad: unsupervised industrial defect detection by knowledge distillation.
 
-    import kdad
-    ckpt = kdad.train(data="path/to/good_images", epochs=10, out="runs/rd")
-    detector = kdad.load(ckpt)
-    results = detector.predict(["part.png"])
-    metrics = kdad.evaluate(ckpt, data="path/to/test_set")
+import kdad
+ckpt = kdad.train(data="path/to/good_images", epochs=10, out="runs/rd")
+detector = kdad.load(ckpt)
+results = detector.predict(["part.png"])
+metrics = kdad.evaluate(ckpt, data="path/to/test_set")
 """
 
 from kdad.api import Detector, Prediction, evaluate, load, train

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,33 +106,32 @@ class Detector:
         An unreadable image gets a row with its error and a warning; the run goes on.
         """
         out = Path(out)
+        paths = collect_images(list(inputs))
         writer = PredictionWriter(out)
         try:
-            for batch in _readable_batches(collect_images(list(inputs)), batch_size, writer):
-                maps, scores = self._run([img for _, img in batch])
-                for (path, img), score, amap in zip(batch, scores, maps):
-                    writer.write(path, float(score), img, amap)
+            for i in range(0, len(paths), batch_size):
+                chunk = [(p, _try_read(p)) for p in paths[i : i + batch_size]]
+                ok = [img for _, img in chunk if not isinstance(img, str)]
+                maps, scores = self._run(ok) if ok else ([], [])
+                k = 0
+                for p, img in chunk:  # rows in input order
+                    if isinstance(img, str):
+                        writer.write_error(p, img)
+                    else:
+                        writer.write(p, float(scores[k]), img, maps[k])
+                        k += 1
         finally:
             writer.close()
         return out / "predictions.csv"
 
 
-def _readable_batches(
-    paths: list[Path], batch_size: int, writer: PredictionWriter
-) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    batch: list[tuple[Path, np.ndarray]] = []
-    for p in paths:
-        try:
-            batch.append((p, read_image(p)))
-        except KdadError as e:
-            warnings.warn(str(e), KdadWarning, stacklevel=2)
-            writer.write_error(p, str(e))
-            continue
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _try_read(path: Path) -> np.ndarray | str:
+    """The image, or its error message (also warned) when it cannot be read."""
+    try:
+        return read_image(path)
+    except KdadError as e:
+        warnings.warn(str(e), KdadWarning, stacklevel=3)
+        return str(e)
 
 
 def load(checkpoint: str | Path, device: str = "auto") -> Detector:
@@ -157,7 +156,9 @@ def evaluate(
     layout = layout or d.layout
     category = category if category is not None else d.category
     samples = find_samples(root, "test", layout, category, d.normal_dir, d.abnormal_dir, d.mask_dir)
-    ds = ImageDataset(samples, d.image_size, det.mean.flatten().tolist(), det.std.flatten().tolist())
+    ds = ImageDataset(
+        samples, d.image_size, det.mean.flatten().tolist(), det.std.flatten().tolist()
+    )
     n = len(samples)
     scores, labels = np.zeros(n, np.float32), np.array([s.label for s in samples])
     keep = [i for i, s in enumerate(samples) if s.label == 0 or s.mask is not None]

@@ -19,8 +19,11 @@ def _metrics_table(metrics: dict[str, float | None]) -> str:
 
 def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required, help="dataset folder")
-    p.add_argument("--layout", choices=["auto", "mvtec", "folder", "mtd"],
-                   help="folder layout (default: detected)")
+    p.add_argument(
+        "--layout",
+        choices=["auto", "mvtec", "folder", "mtd"],
+        help="folder layout (default: detected)",
+    )
     p.add_argument("--category", help="MVTec category, when --data is the dataset root")
 
 
@@ -68,17 +71,36 @@ def _run(args: argparse.Namespace) -> int:
     import kdad  # deferred: `kdad --help` stays fast
 
     if args.verb == "train":
-        overrides = {k: getattr(args, k) for k in (
-            "data", "layout", "category", "model", "backbone", "stages", "weights", "epochs",
-            "batch_size", "image_size", "lr", "seed", "device", "num_workers", "out")}
-        ckpt = kdad.train(config=args.config, resume=args.resume,
-                          progress=not args.no_progress, **overrides)
+        overrides = {
+            k: getattr(args, k)
+            for k in (
+                "data",
+                "layout",
+                "category",
+                "model",
+                "backbone",
+                "stages",
+                "weights",
+                "epochs",
+                "batch_size",
+                "image_size",
+                "lr",
+                "seed",
+                "device",
+                "num_workers",
+                "out",
+            )
+        }
+        ckpt = kdad.train(
+            config=args.config, resume=args.resume, progress=not args.no_progress, **overrides
+        )
         print(f"checkpoint: {ckpt}")
     elif args.verb == "test":
         ckpt = Path(args.checkpoint)
         out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent)
-        res = kdad.evaluate(ckpt, args.data, args.layout, args.category, out,
-                            args.batch_size, args.device)
+        res = kdad.evaluate(
+            ckpt, args.data, args.layout, args.category, out, args.batch_size, args.device
+        )
         print(_metrics_table(res["metrics"]))
         print(f"metrics: {Path(out) / 'metrics.json'}")
     elif args.verb == "predict":

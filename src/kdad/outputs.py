@@ -15,7 +15,9 @@ from PIL import Image
 def upsample_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     """An (S, S) anomaly map resized bilinearly to the original (height, width)."""
     t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
 
 
 def heatmap_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -48,7 +50,7 @@ class PredictionWriter:
         out.mkdir(parents=True, exist_ok=True)
         (out / "heatmaps").mkdir(exist_ok=True)
         self.out = out
-        self._file = open(out / "predictions.csv", "w", newline="")
+        self._file = open(out / "predictions.csv", "w", newline="")  # noqa: SIM115 (closed by close())
         self._csv = csv.writer(self._file)
         self._csv.writerow(["path", "score", "heatmap", "error"])
         self._used: set[str] = set()

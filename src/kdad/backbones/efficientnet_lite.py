@@ -2,7 +2,7 @@
 
 Lite differs from EfficientNet-B*: no squeeze-excitation, ReLU6 instead of swish, a fixed 32-channel
 stem and 1280-channel head, and the first and last stages never repeated. Convolutions use
-TensorFlow "SAME" padding (asymmetric for stride 2), BatchNorm eps 1e-3, as the weights were trained.
+TensorFlow "SAME" padding (asymmetric for stride 2) and BatchNorm eps 1e-3, as in training.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class EfficientNetLite(nn.Module):
             cin = 32 if i == 0 else _round_filters(cin, width)
             cout = _round_filters(cout, width)
             if 0 < i < len(_BASE_STAGES) - 1:
-                n = int(math.ceil(n * depth))
+                n = math.ceil(n * depth)
             for j in range(n):
                 blocks.append(MBConv(cin if j == 0 else cout, cout, k, s if j == 0 else 1, e))
             stride_total *= s

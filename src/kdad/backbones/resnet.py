@@ -74,10 +74,15 @@ class Bottleneck(nn.Module):
 
 
 def make_stage(
-    block: str, cin: int, cout: int, n: int, stride: int, transposed: bool = False,
+    block: str,
+    cin: int,
+    cout: int,
+    n: int,
+    stride: int,
+    transposed: bool = False,
     width_factor: float = 0.25,
 ) -> nn.Sequential:
-    """``n`` residual blocks; the first changes resolution by ``stride`` and channels to ``cout``."""
+    """``n`` residual blocks; the first changes resolution by ``stride``, channels to ``cout``."""
     layers: list[nn.Module] = []
     for i in range(n):
         c, s = (cin, stride) if i == 0 else (cout, 1)

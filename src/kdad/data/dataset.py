@@ -59,5 +59,10 @@ class ImageDataset(Dataset):
             mask = (m[0, 0] > 0.5).float()  # (S, S)
         # A defective image without a mask has unknown defect pixels: kept out of pixel metrics.
         has_mask = s.label != 1 or s.mask is not None
-        return {"image": preprocess(img, self.size, self.mean, self.std), "mask": mask, "has_mask": torch.tensor(has_mask),
-                "label": torch.tensor(s.label), "index": torch.tensor(i)}
+        return {
+            "image": preprocess(img, self.size, self.mean, self.std),
+            "mask": mask,
+            "has_mask": torch.tensor(has_mask),
+            "label": torch.tensor(s.label),
+            "index": torch.tensor(i),
+        }

@@ -20,7 +20,7 @@ from kdad.models import KDModel, build_model
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is the first CUDA GPU when there is one, else the CPU."""
+    """ "auto" is the first CUDA GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,7 +85,9 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     ds = train_dataset(cfg)
     model = model_from_config(cfg, pretrained=state is None).to(device)
     t = cfg.train
-    opt = torch.optim.Adam(model.param_groups(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    opt = torch.optim.Adam(
+        model.param_groups(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
+    )
     start, history = 0, []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -93,8 +95,13 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         start, history = state["epoch"], list(state["history"])
 
     steps = -(-len(ds) // t.batch_size)
-    bar = tqdm(total=t.epochs * steps, initial=start * steps, disable=not progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=t.epochs * steps,
+        initial=start * steps,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
     for epoch in range(start, t.epochs):
         model.train()
         tic, total, n = time.perf_counter(), 0.0, 0
@@ -108,10 +115,19 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             n += len(batch["image"])
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
-        history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - tic})
-        save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": epoch + 1, "history": history, "calibration": None,
-        })
+        history.append(
+            {"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - tic}
+        )
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "calibration": None,
+            },
+        )
     bar.close()
     return ckpt_path

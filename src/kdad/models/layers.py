@@ -61,4 +61,3 @@ def cosine_distance_map(t: Tensor, s: Tensor, size: tuple[int, int]) -> Tensor:
     """Per-pixel 1 - cos over channels of (B, C, h, w) features, upsampled to (B, *size)."""
     d = 1 - F.cosine_similarity(t, s, dim=1)  # (B, h, w)
     return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1)
-

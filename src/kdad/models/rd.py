@@ -15,6 +15,7 @@ bottleneck blocks whose inner width equals their output width, because Lite's st
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,7 @@ class RD(KDModel):
         opt = options or RD.Options()
         self.teacher = Teacher(backbone, stages, pretrained, weights)
         ch, strides = self.teacher.channels, self.teacher.strides
-        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        if any(b != 2 * a for a, b in itertools.pairwise(strides)):
             raise KdadError(
                 f"RD needs stages whose strides double one to the next, got {strides} "
                 f"from {self.teacher.stages}"
@@ -139,8 +140,15 @@ class RD(KDModel):
         return {"loss": sum(parts.values()), **parts}
 
     def param_groups(self) -> list[dict]:
-        return [{"params": [*self.fuse.parameters(), *self.ocbe.parameters(),
-                            *self.decoder.parameters()]}]
+        return [
+            {
+                "params": [
+                    *self.fuse.parameters(),
+                    *self.ocbe.parameters(),
+                    *self.decoder.parameters(),
+                ]
+            }
+        ]
 
 
 def rd_loss(teacher: list[Tensor], student: list[Tensor]) -> list[Tensor]:

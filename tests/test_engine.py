@@ -1,0 +1,106 @@
+"""Training engine: checkpoints are safe and resume reproduces an unbroken run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdad.config import RunConfig, apply_overrides
+from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.fit import fit
+from kdad.errors import KdadError
+
+
+def _cfg(data: Path, out: Path, epochs: int) -> RunConfig:
+    return apply_overrides(
+        RunConfig(),
+        data=data,
+        out=out,
+        epochs=epochs,
+        batch_size=3,
+        image_size=64,
+        seed=7,
+        device="cpu",
+    )
+
+
+def _same_state(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    assert sa["epoch"] == sb["epoch"]
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    assert [h["loss"] for h in sa["history"]] == [h["loss"] for h in sb["history"]]
+
+
+def test_resume_equals_unbroken_run(mvtec: Path, tmp_path: Path) -> None:
+    full = fit(_cfg(mvtec, tmp_path / "full", 3), progress=False)
+    fit(_cfg(mvtec, tmp_path / "split", 1), progress=False)
+    part = fit(_cfg(mvtec, tmp_path / "split", 3), resume=True, progress=False)
+    _same_state(full, part)
+    assert not list((tmp_path / "split").glob(".*tmp"))  # atomic writes leave no temp file
+
+
+def test_resume_after_kill(mvtec: Path, tmp_path: Path) -> None:
+    """A run killed with SIGKILL after its first checkpoint resumes to the unbroken result."""
+    args = [
+        "--data",
+        str(mvtec),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "3",
+        "--image-size",
+        "64",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdad", "train", *args, "--out", str(run)])
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(run)["epoch"] >= 1  # the checkpoint survived the kill intact
+    subprocess.run(
+        [sys.executable, "-m", "kdad", "train", *args, "--out", str(run), "--resume"], check=True
+    )
+    fit(_cfg(mvtec, tmp_path / "full", 4), progress=False)
+    _same_state(tmp_path / "full" / "checkpoint.pt", run / "checkpoint.pt")
+
+
+def test_existing_run_is_never_overwritten(mvtec: Path, tmp_path: Path) -> None:
+    ckpt = fit(_cfg(mvtec, tmp_path / "r", 1), progress=False)
+    before = ckpt.read_bytes()
+    with pytest.raises(KdadError, match="exists: pass --resume"):
+        fit(_cfg(mvtec, tmp_path / "r", 1), progress=False)
+    assert ckpt.read_bytes() == before
+
+
+def test_checkpoint_is_plain_data(mvtec: Path, tmp_path: Path) -> None:
+    ckpt = fit(_cfg(mvtec, tmp_path / "r", 1), progress=False)
+    state = torch.load(ckpt, weights_only=True)  # nothing pickled but tensors and plain data
+    assert state["config"]["model"]["name"] == "rd" and state["epoch"] == 1
+    assert RunConfig.from_dict(state["config"]).train.betas == (0.5, 0.999)
+    assert (tmp_path / "r" / "config.yaml").read_text().startswith("data:")
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(KdadError, match=r"junk\.pt: not a readable kdad checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(KdadError, match=r"other\.pt: not a kdad checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    save_checkpoint(tmp_path / "ok.pt", {"config": {}, "model": {}})
+    assert load_checkpoint(tmp_path / "ok.pt")["format"] == "kdad-checkpoint"
