@@ -14,6 +14,7 @@ from conftest import SIZE, make_folder, make_mtd, make_mvtec, save, texture
 from PIL import Image
 
 import kdad
+from kdad.metrics import compute_metrics
 from kdad.models import MODELS
 
 
@@ -55,6 +56,7 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
     )
     assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
 
+    maps_file = tmp_path / "maps.npz"
     out = kdad_cli(
         "test",
         "--checkpoint",
@@ -63,9 +65,32 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         str(data),
         "--out",
         str(tmp_path / "eval"),
+        "--save-maps",
+        str(maps_file),
     ).stdout
-    assert "image_auroc" in out
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert "image_auroc" in out and "aupro" in out
+    res = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = res["metrics"]
+    assert set(metrics) == {
+        "image_auroc",
+        "image_ap",
+        "image_f1max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1max",
+        "aupro",
+        "iap",
+        "iap90",
+    }
+    assert all(0 <= v <= 1 for v in metrics.values())
+    assert res["protocol"]["image_size"] == 64 and res["protocol"]["split"]
+    assert len(res["per_image"]) == 12
+    saved = np.load(maps_file)  # anyone can recompute every metric from the saved maps
+    assert saved["maps"].shape == (12, 64, 64) and list(saved["paths"]) == [
+        r["path"] for r in res["per_image"]
+    ]
+    again = compute_metrics(saved["scores"], saved["labels"], saved["maps"], saved["masks"])
+    assert again == pytest.approx(metrics)
     # The dark squares are obvious: a working pipeline finds them, a broken one scores at chance.
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.8
     assert 0 < metrics["pixel_ap"] <= 1
@@ -209,8 +234,7 @@ def test_mtd_layout_trains_without_split_flag(tmp_path: Path) -> None:
         str(tmp_path / "r"),
         "--no-progress",
     )
-    res = json.loads(
-        kdad_cli("test", "--checkpoint", str(tmp_path / "r"), "--out", str(tmp_path / "e"))
-        and (tmp_path / "e" / "metrics.json").read_text()
-    )
-    assert res["counts"]["images"] == 5 and res["protocol"]["layout"] == "auto"
+    kdad_cli("test", "--checkpoint", str(tmp_path / "r"), "--out", str(tmp_path / "e"))
+    res = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert res["counts"]["images"] == 5 and res["protocol"]["layout"] == "mtd"
+    assert res["protocol"]["split"].startswith("DifferNet split")

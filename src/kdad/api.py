@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from kdad.backbones import get_spec
 from kdad.config import RunConfig, apply_overrides, load_config
 from kdad.data.dataset import ImageDataset, preprocess
 from kdad.data.io import read_image
-from kdad.data.layouts import KdadWarning, collect_images, find_samples
+from kdad.data.layouts import SPLITS, KdadWarning, collect_images, detect_layout, find_samples
 from kdad.engine.checkpoint import load_checkpoint
+from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import fit, model_from_config, resolve_device
-from kdad.engine.infer import infer
 from kdad.errors import KdadError
-from kdad.metrics import compute_metrics
 from kdad.models import KDModel
 from kdad.outputs import PredictionWriter
 
@@ -147,50 +145,52 @@ def evaluate(
     out: str | Path | None = None,
     batch_size: int = 16,
     device: str = "auto",
+    save_maps: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Score a labelled test set; returns (and writes OUT/metrics.json with) the metrics,
-    the protocol and per-image scores. Data defaults to the training data's folder."""
+    """Score a labelled test set: every metric, the protocol and per-image scores, also written
+    to OUT/metrics.json; ``save_maps`` writes the maps and ground truth to an .npz.
+    Data defaults to the training data's folder."""
     det = load(checkpoint, device)
     d = det.cfg.data
     root = Path(data) if data else Path(d.path)
     layout = layout or d.layout
+    if layout == "auto":
+        layout = detect_layout(root)
     category = category if category is not None else d.category
     samples = find_samples(root, "test", layout, category, d.normal_dir, d.abnormal_dir, d.mask_dir)
     ds = ImageDataset(
         samples, d.image_size, det.mean.flatten().tolist(), det.std.flatten().tolist()
     )
-    n = len(samples)
-    scores, labels = np.zeros(n, np.float32), np.array([s.label for s in samples])
-    keep = [i for i, s in enumerate(samples) if s.label == 0 or s.mask is not None]
-    row = {i: k for k, i in enumerate(keep)}
-    maps = np.zeros((len(keep), d.image_size, d.image_size), np.float32)
-    masks = np.zeros(maps.shape, bool)
-    tic = time.perf_counter()
-    for batch, amaps, bscores in infer(det.model, ds, batch_size):
-        for j, i in enumerate(batch["index"].tolist()):
-            scores[i] = bscores[j]
-            if i in row:
-                maps[row[i]] = amaps[j].numpy()
-                masks[row[i]] = batch["mask"][j].numpy() > 0.5
-    seconds = time.perf_counter() - tic
+    ev = evaluate_model(det.model, ds, batch_size)
+    paths = [str(s.path) for s in samples]
+    if save_maps is not None:
+        ev.save(save_maps, paths)
     result = {
-        "metrics": compute_metrics(scores, labels, maps, masks),
-        "counts": {"images": n, "defective": int(labels.sum()), "pixel_metric_images": len(keep)},
+        "metrics": ev.metrics(),
+        "counts": {
+            "images": len(samples),
+            "defective": int(ev.labels.sum()),
+            "pixel_metric_images": int(ev.has_mask.sum()),
+        },
         "protocol": {
             "checkpoint": str(det.checkpoint["path"]),
+            "epoch": det.checkpoint.get("epoch"),
+            "model": det.cfg.model.name,
+            "backbone": det.cfg.model.backbone,
             "data": str(root),
             "layout": layout,
             "category": category,
+            "split": SPLITS[layout],
             "image_size": d.image_size,
-            "masks": "binarised at half their range, resized bilinearly, > 0.5",
-            "score": "max of the anomaly map (the model's rule)",
-            "model": det.cfg.model.name,
-            "backbone": det.cfg.model.backbone,
+            "masks": "binarised at half their value range, resized bilinearly, > 0.5",
+            "score": det.model.score_rule,
+            "aupro": "8-connected regions, all test images pooled, integrated to FPR 0.3, / 0.3",
+            "iap": "8-connected instances found when half their pixels >= t; pixel precision",
         },
-        "inference_seconds": seconds,
+        "inference_seconds": ev.seconds,
         "per_image": [
-            {"path": str(s.path), "label": s.label, "defect": s.defect, "score": float(sc)}
-            for s, sc in zip(samples, scores)
+            {"path": p, "label": s.label, "defect": s.defect, "score": float(sc)}
+            for p, s, sc in zip(paths, samples, ev.scores)
         ],
     }
     if out is not None:

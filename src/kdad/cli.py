@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     _data_args(e, required=False)
     e.add_argument("--out", help="folder for metrics.json (default: the checkpoint's folder)")
+    e.add_argument("--save-maps", metavar="FILE.npz", help="save maps, masks, labels, paths")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default="auto")
 
@@ -99,7 +100,14 @@ def _run(args: argparse.Namespace) -> int:
         ckpt = Path(args.checkpoint)
         out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent)
         res = kdad.evaluate(
-            ckpt, args.data, args.layout, args.category, out, args.batch_size, args.device
+            ckpt,
+            args.data,
+            args.layout,
+            args.category,
+            out,
+            args.batch_size,
+            args.device,
+            args.save_maps,
         )
         print(_metrics_table(res["metrics"]))
         print(f"metrics: {Path(out) / 'metrics.json'}")

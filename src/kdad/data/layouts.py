@@ -16,6 +16,12 @@ from kdad.data.io import is_image_file
 from kdad.errors import KdadError
 
 LAYOUTS = ("auto", "mvtec", "folder", "mtd")
+SPLITS = {  # how each layout splits train and test, for results tables
+    "mvtec": "train/good to fit; test/* (good and defective) to test",
+    "folder": "the good folder to fit; a separate folder's good/ and defect/ to test",
+    "mtd": "DifferNet split: 761 MT_Free images to fit; the other 191 and all 392 defective "
+    "images to test",
+}
 
 
 class KdadWarning(UserWarning):

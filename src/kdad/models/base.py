@@ -22,6 +22,7 @@ class KDModel(nn.Module):
 
     Options: type = object
     needs_synthetic: bool = False  # the dataset adds synthetic defects and masks when True
+    score_rule: str = ""  # how the image score comes from the map, for results tables
 
     def loss(self, batch: dict[str, Tensor], out: Any) -> dict[str, Tensor]:
         """``{"loss": total, **named parts to log}`` for a training batch."""

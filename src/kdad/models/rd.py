@@ -67,6 +67,8 @@ class Teacher(nn.Module):
 class RD(KDModel):
     """Teacher encoder -> OCBE -> decoder student; anomaly = 1 - cos(teacher, student)."""
 
+    score_rule = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
+
     @dataclass
     class Options:
         sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels

@@ -1,0 +1,75 @@
+"""Score a labelled dataset with a model and keep what the metrics need."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from kdad.engine.infer import infer
+from kdad.errors import KdadError
+from kdad.metrics import compute_metrics
+from kdad.models import KDModel
+
+
+@dataclass
+class Evaluation:
+    """Scores, maps and ground truth of a scored dataset, in dataset order."""
+
+    scores: np.ndarray  # (N,)
+    labels: np.ndarray  # (N,) 0 good, 1 defective
+    maps: np.ndarray  # (N, S, S) float32
+    masks: np.ndarray  # (N, S, S) bool
+    has_mask: np.ndarray  # (N,) False for defective images whose mask is unknown
+    seconds: float  # inference time
+
+    def metrics(self) -> dict[str, float | None]:
+        """Every metric: image ones over all images, pixel ones over images with masks."""
+        keep = self.has_mask
+        maps, masks = (self.maps, self.masks) if keep.all() else (self.maps[keep], self.masks[keep])
+        return compute_metrics(self.scores, self.labels, maps, masks)
+
+    def save(self, path: str | Path, paths: list[str]) -> None:
+        """An .npz anyone can recompute every metric from: maps, masks, labels, scores, paths."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(
+            tmp,
+            maps=self.maps,
+            masks=self.masks,
+            labels=self.labels,
+            scores=self.scores,
+            has_mask=self.has_mask,
+            paths=np.array(paths),
+        )
+        tmp.replace(path)
+
+
+def evaluate_model(model: KDModel, ds: Dataset, batch_size: int = 16) -> Evaluation:
+    """Run ``model`` over a dataset of dicts with image, mask, has_mask, label, index."""
+    n = len(ds)
+    ev = None
+    tic = time.perf_counter()
+    for batch, maps, scores in infer(model, ds, batch_size):
+        if ev is None:  # sized by the first batch
+            shape = (n, *maps.shape[1:])
+            ev = Evaluation(
+                np.zeros(n, np.float32),
+                np.zeros(n, np.int64),
+                np.zeros(shape, np.float32),
+                np.zeros(shape, bool),
+                np.ones(n, bool),
+                0,
+            )
+        i = batch["index"].numpy()
+        ev.scores[i], ev.maps[i] = scores.numpy(), maps.numpy()
+        ev.masks[i] = batch["mask"].numpy() > 0.5
+        ev.labels[i], ev.has_mask[i] = batch["label"].numpy(), batch["has_mask"].numpy()
+    if ev is None:
+        raise KdadError("nothing to evaluate: the dataset is empty")
+    ev.seconds = time.perf_counter() - tic
+    return ev
