@@ -9,11 +9,7 @@ seconds per epoch, images/second at batch 1 and 16, machine, date, commit, comma
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,29 +17,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result
+
 import kdad
 from kdad.data.io import read_image
 from kdad.metrics import image_auroc
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _throughput(det: kdad.Detector, images: list[np.ndarray], batch: int, repeats: int) -> float:
+def throughput(det: kdad.Detector, images: list[np.ndarray], batch: int, repeats: int) -> float:
     """Images per second of preprocess + model on decoded images, after one warm-up batch."""
     det.predict(images[:batch], batch_size=batch)
-    n = 0
     tic = time.perf_counter()
     for _ in range(repeats):
         det.predict(images, batch_size=batch)
-        n += len(images)
-    return n / (time.perf_counter() - tic)
+    return repeats * len(images) / (time.perf_counter() - tic)
+
+
+def per_class_auroc(per_image: list[dict]) -> dict[str, float | None]:
+    """Image AUROC of the good test images against each defect class alone."""
+    good = [r for r in per_image if r["label"] == 0]
+    out = {}
+    for defect in sorted({r["defect"] for r in per_image} - {"good"}):
+        rows = good + [r for r in per_image if r["defect"] == defect]
+        out[defect] = image_auroc(
+            np.array([r["score"] for r in rows]), np.array([r["label"] for r in rows])
+        )
+    return out
 
 
 def main() -> None:
@@ -70,43 +70,23 @@ def main() -> None:
     )
     history = torch.load(ckpt, weights_only=True)["history"]
     res = kdad.evaluate(ckpt, out=args.run_dir)
-
-    scores = {r["path"]: r for r in res["per_image"]}
-    good = [r for r in scores.values() if r["label"] == 0]
-    per_class = {}
-    for defect in sorted({r["defect"] for r in scores.values()} - {"good"}):
-        rows = good + [r for r in scores.values() if r["defect"] == defect]
-        per_class[defect] = image_auroc(
-            np.array([r["score"] for r in rows]), np.array([r["label"] for r in rows])
-        )
-
     det = kdad.load(ckpt, device="cpu")
-    images = [read_image(r["path"]) for r in list(scores.values())[:32]]
+    images = [read_image(r["path"]) for r in res["per_image"][:32]]
     result = {
         "benchmark": "rd_mtd",
-        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
         "settings": vars(args),
         "metrics": res["metrics"],
-        "image_auroc_per_class": per_class,
+        "image_auroc_per_class": per_class_auroc(res["per_image"]),
         "counts": res["counts"],
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])),
         "final_loss": history[-1]["loss"],
         "images_per_second": {
-            "batch1": _throughput(det, images, 1, 1),
-            "batch16": _throughput(det, images, 16, 2),
+            "batch1": throughput(det, images, 1, 1),
+            "batch16": throughput(det, images, 16, 2),
         },
         "protocol": res["protocol"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(
         json.dumps(
             {
