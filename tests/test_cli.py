@@ -158,10 +158,9 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"kdad: error: {cfg}.train: unknown key 'epochz'; known: epochs, batch_size, lr, betas, "
-        "weight_decay, seed, num_workers, device"
-    ]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"kdad: error: {cfg}.train: unknown key 'epochz'; known: epochs,")
 
 
 def test_bad_input_is_one_line_naming_the_file(tmp_path: Path) -> None:

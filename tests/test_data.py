@@ -10,9 +10,15 @@ import torch
 from conftest import SIZE, make_folder, make_mtd, make_mvtec, save, texture
 from PIL import Image
 
-from kdad.data.dataset import ImageDataset
+from kdad.data.dataset import ImageDataset, SyntheticValidationSet
 from kdad.data.io import read_image, read_mask
-from kdad.data.layouts import KdadWarning, collect_images, detect_layout, find_samples
+from kdad.data.layouts import (
+    KdadWarning,
+    collect_images,
+    detect_layout,
+    find_samples,
+    split_holdout,
+)
 from kdad.errors import KdadError
 
 
@@ -158,3 +164,27 @@ def test_real_battery_weld_orphans_warn_not_stop(shared_data: Path) -> None:
     with pytest.warns(KdadWarning, match="40 mask\\(s\\) match no image"):
         test = find_samples(root, "test")
     assert len(find_samples(root, "train")) == 37 and sum(s.label for s in test) == 93
+
+
+def test_holdout_split_is_fixed_and_disjoint(tmp_path: Path) -> None:
+    samples = find_samples(make_mvtec(tmp_path / "d", n_train=20), "train")
+    fit, held = split_holdout(samples, 0.1)
+    assert len(held) == 2 and len(fit) == 18 and not set(fit) & set(held)
+    assert split_holdout(samples, 0.1) == (fit, held)
+    assert split_holdout(samples, 0.0) == (samples, [])
+    assert len(split_holdout(samples[:3], 0.1)[1]) == 1  # at least one when asked for
+    with pytest.raises(KdadError, match="holdout"):
+        split_holdout(samples, 1.0)
+
+
+def test_synthetic_validation_set(tmp_path: Path) -> None:
+    samples = find_samples(make_mvtec(tmp_path / "d", n_train=3), "train")
+    val = SyntheticValidationSet(samples, 32, (0.5,) * 3, (0.25,) * 3, seed=1)
+    plain = ImageDataset(samples, 32, (0.5,) * 3, (0.25,) * 3)
+    assert len(val) == 6
+    good, bad = val[0], val[3]
+    assert good["label"] == 0 and good["mask"].sum() == 0
+    assert torch.equal(good["image"], plain[0]["image"])
+    assert bad["label"] == 1 and bad["mask"].sum() > 0 and bad["has_mask"]
+    assert not torch.equal(bad["image"], good["image"])
+    assert torch.equal(val[3]["image"], bad["image"])  # the same defect every time

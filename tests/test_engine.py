@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kdad.config import RunConfig, apply_overrides
+from kdad.data.layouts import find_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.fit import fit
 from kdad.errors import KdadError
@@ -28,6 +30,7 @@ def _cfg(data: Path, out: Path, epochs: int) -> RunConfig:
         image_size=64,
         seed=7,
         device="cpu",
+        val_every=1,
     )
 
 
@@ -63,6 +66,8 @@ def test_resume_after_kill(mvtec: Path, tmp_path: Path) -> None:
         "--device",
         "cpu",
         "--no-progress",
+        "--val-every",
+        "1",
     ]
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdad", "train", *args, "--out", str(run)])
@@ -104,3 +109,18 @@ def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "other.pt")
     save_checkpoint(tmp_path / "ok.pt", {"config": {}, "model": {}})
     assert load_checkpoint(tmp_path / "ok.pt")["format"] == "kdad-checkpoint"
+
+
+def test_best_epoch_is_chosen_on_validation_only(mvtec: Path, tmp_path: Path) -> None:
+    cfg = _cfg(mvtec, tmp_path / "r", 3)
+    chosen = fit(cfg, progress=False)
+    assert chosen == tmp_path / "r" / "best.pt"
+    last = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    vals = [h["val"][cfg.train.select] for h in last["history"]]
+    best = load_checkpoint(tmp_path / "r")  # a run folder means its best.pt
+    assert best["path"].endswith("best.pt") and best["epoch"] == 1 + int(np.argmax(vals))
+    assert best["best"]["value"] == max(vals)
+    train_paths = {str(s.path) for s in find_samples(mvtec, "train")}
+    assert len(last["holdout"]) == 1 and set(last["holdout"]) <= train_paths
+    test_paths = {str(s.path) for s in find_samples(mvtec, "test")}
+    assert not set(last["holdout"]) & test_paths  # validation never touches the test set

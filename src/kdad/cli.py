@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--num-workers", type=int)
+    t.add_argument("--holdout", type=float, help="good images held out for validation (0.1)")
+    t.add_argument("--val-every", type=int, help="epochs between validations (5)")
+    t.add_argument("--select", help="validation metric choosing best.pt (pixel_ap)")
     t.add_argument("--out", help="run folder (default runs/latest)")
     t.add_argument("--config", help="YAML run config; flags override it")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -70,28 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     import kdad  # deferred: `kdad --help` stays fast
+    from kdad.config import OVERRIDES
 
     if args.verb == "train":
-        overrides = {
-            k: getattr(args, k)
-            for k in (
-                "data",
-                "layout",
-                "category",
-                "model",
-                "backbone",
-                "stages",
-                "weights",
-                "epochs",
-                "batch_size",
-                "image_size",
-                "lr",
-                "seed",
-                "device",
-                "num_workers",
-                "out",
-            )
-        }
+        overrides = {k: getattr(args, k) for k in OVERRIDES}  # every flag maps to a field
         ckpt = kdad.train(
             config=args.config, resume=args.resume, progress=not args.no_progress, **overrides
         )

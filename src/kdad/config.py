@@ -23,6 +23,7 @@ class DataConfig:
     normal_dir: str = "good"  # folder layout: good images
     abnormal_dir: str = "defect"  # folder layout: defective images (test only)
     mask_dir: str = "mask"  # folder layout: masks named like their image
+    holdout: float = 0.1  # good training images held out from fitting, for validation
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    val_every: int = 5  # epochs between validations on held-out good + synthetic defects
+    select: str = "pixel_ap"  # validation metric choosing the epoch kept as best.pt
 
 
 @dataclass
@@ -120,6 +123,7 @@ OVERRIDES = {
     "layout": "data.layout",
     "category": "data.category",
     "image_size": "data.image_size",
+    "holdout": "data.holdout",
     "model": "model.name",
     "backbone": "model.backbone",
     "stages": "model.stages",
@@ -130,6 +134,8 @@ OVERRIDES = {
     "seed": "train.seed",
     "device": "train.device",
     "num_workers": "train.num_workers",
+    "val_every": "train.val_every",
+    "select": "train.select",
     "out": "out",
 }
 

@@ -14,6 +14,17 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+METRIC_NAMES = (
+    "image_auroc",
+    "image_ap",
+    "image_f1max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1max",
+    "aupro",
+    "iap",
+    "iap90",
+)
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity for defect regions and instances
 
 

@@ -1,4 +1,5 @@
-"""Torch dataset: read, resize to a square, normalise with the teacher's statistics."""
+"""Torch datasets: read, resize to a square, normalise with the teacher's statistics; a
+validation set of held-out good images with synthetic defects."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.utils.data import Dataset
 
 from kdad.data.io import read_image, read_mask
 from kdad.data.layouts import Sample
+from kdad.data.synth import synthesize
 from kdad.errors import KdadError
 
 
@@ -64,5 +66,44 @@ class ImageDataset(Dataset):
             "mask": mask,
             "has_mask": torch.tensor(has_mask),
             "label": torch.tensor(s.label),
+            "index": torch.tensor(i),
+        }
+
+
+class SyntheticValidationSet(Dataset):
+    """Held-out good images, each twice: as it is (label 0) and with a synthetic Perlin defect
+    (label 1, its mask). The defects are fixed by ``seed``: the same set every epoch and run."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        seed: int = 0,
+    ) -> None:
+        self.samples = samples
+        self.size = image_size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2 * len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        n = len(self.samples)
+        x = resize_image(
+            torch.from_numpy(read_image(self.samples[i % n].path)).permute(2, 0, 1), self.size
+        )  # (3, S, S)
+        mask = torch.zeros(self.size, self.size)
+        if i >= n:
+            img, m = synthesize(x.permute(1, 2, 0).numpy(), np.random.default_rng([self.seed, i]))
+            x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m).float()
+        return {
+            "image": (x - self.mean) / self.std,
+            "mask": mask,
+            "has_mask": torch.tensor(True),
+            "label": torch.tensor(int(i >= n)),
             "index": torch.tensor(i),
         }

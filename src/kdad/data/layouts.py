@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from kdad.data.io import is_image_file
 from kdad.errors import KdadError
 
@@ -201,3 +203,18 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
         else:
             raise KdadError(f"{item}: no such file or folder")
     return paths
+
+
+def split_holdout(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """(fit, held out): a fixed random ``fraction`` of the samples, at least one when the
+    fraction is positive and two or more samples exist, independent of the run's seed."""
+    if not 0 <= fraction < 1:
+        raise KdadError(f"holdout must be in [0, 1), got {fraction}")
+    k = min(max(round(len(samples) * fraction), int(fraction > 0)), len(samples) - 1)
+    if k <= 0:
+        return samples, []
+    held = set(np.random.default_rng(0).permutation(len(samples))[:k].tolist())
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )

@@ -28,10 +28,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a kdad checkpoint safely; anything else is a one-line error naming the file."""
+    """Read a kdad checkpoint (file or run folder) safely; anything else is a one-line error
+    naming the file."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    if path.is_dir():  # a run folder: the epoch chosen on validation, else the last one
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "checkpoint.pt"
     if not path.is_file():
         raise KdadError(f"{path}: checkpoint not found")
     try:

@@ -12,10 +12,12 @@ from tqdm import tqdm
 
 from kdad.backbones import get_spec
 from kdad.config import RunConfig, save_config
-from kdad.data.dataset import ImageDataset
-from kdad.data.layouts import find_samples
+from kdad.data.dataset import ImageDataset, SyntheticValidationSet
+from kdad.data.layouts import find_samples, split_holdout
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.evaluate import evaluate_model
 from kdad.errors import KdadError
+from kdad.metrics import METRIC_NAMES
 from kdad.models import KDModel, build_model
 
 
@@ -38,14 +40,18 @@ def model_from_config(cfg: RunConfig, pretrained: bool = True) -> KDModel:
     return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
 
 
-def train_dataset(cfg: RunConfig) -> ImageDataset:
-    """The good training images of ``cfg.data``, normalised for the configured teacher."""
+def datasets(cfg: RunConfig) -> tuple[ImageDataset, SyntheticValidationSet | None]:
+    """The good training images of ``cfg.data`` to fit, and the validation set made from the
+    held-out fraction (``data.holdout``) with synthetic defects; None when nothing is held out."""
     d = cfg.data
     samples = find_samples(
         d.path, "train", d.layout, d.category, d.normal_dir, d.abnormal_dir, d.mask_dir
     )
+    fit_samples, held = split_holdout(samples, d.holdout)
     spec = get_spec(cfg.model.backbone)
-    return ImageDataset(samples, d.image_size, spec.mean, spec.std)
+    train = ImageDataset(fit_samples, d.image_size, spec.mean, spec.std)
+    val = SyntheticValidationSet(held, d.image_size, spec.mean, spec.std) if held else None
+    return train, val
 
 
 def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int) -> DataLoader:
@@ -58,7 +64,9 @@ def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int) -> DataLoader:
 
 
 def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train ``cfg`` into ``cfg.out``; returns the checkpoint path.
+    """Train ``cfg`` into ``cfg.out``; returns the checkpoint to use: ``best.pt`` (the epoch
+    scoring best on the synthetic validation set) when images were held out, else
+    ``checkpoint.pt`` (the last epoch, also the one that ``resume`` continues).
 
     An existing run folder is never overwritten: continue it with ``resume=True`` (its saved
     config wins, except that ``train.epochs`` may be raised) or choose another ``out``.
@@ -75,24 +83,27 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         cfg.train.epochs = max(epochs, cfg.train.epochs)
     elif ckpt_path.exists():
         raise KdadError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise KdadError("epochs and batch size must be at least 1")
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 1 or t.val_every < 1:
+        raise KdadError("epochs, batch size and val_every must be at least 1")
+    if t.select not in METRIC_NAMES:
+        raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    ds = train_dataset(cfg)
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    ds, val = datasets(cfg)
     model = model_from_config(cfg, pretrained=state is None).to(device)
-    t = cfg.train
     opt = torch.optim.Adam(
         model.param_groups(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
     )
-    start, history = 0, []
+    start, history, best = 0, [], None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], list(state["history"])
+        start, history, best = state["epoch"], list(state["history"]), state.get("best")
+    holdout = [str(s.path) for s in val.samples] if val else []
 
     steps = -(-len(ds) // t.batch_size)
     bar = tqdm(
@@ -115,19 +126,26 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             n += len(batch["image"])
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
-        history.append(
-            {"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - tic}
-        )
+        entry = {"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - tic}
+        state = {
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "epoch": epoch + 1,
+            "calibration": None,
+            "holdout": holdout,
+        }
+        if val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+            entry["val"] = evaluate_model(model, val, t.batch_size).metrics()
+            value = entry["val"][t.select]
+            if value is not None and (best is None or value > best["value"]):
+                best = {"epoch": epoch + 1, "metric": t.select, "value": value}
+                save_checkpoint(
+                    out / "best.pt", {**state, "history": [*history, entry], "best": best}
+                )
+            bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", **{f"val_{t.select}": f"{value:.4f}"})
+        history.append(entry)
         save_checkpoint(
-            ckpt_path,
-            {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "calibration": None,
-            },
+            ckpt_path, {**state, "history": history, "best": best, "optimizer": opt.state_dict()}
         )
     bar.close()
-    return ckpt_path
+    return out / "best.pt" if best else ckpt_path

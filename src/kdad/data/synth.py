@@ -1,0 +1,90 @@
+"""Synthetic defects from Perlin-noise masks (as DRAEM and DeSTSeg make them), without an
+external texture set: the defect's content is a procedural Perlin texture or a transformed
+patch of the image itself.
+
+Everything is drawn from the ``numpy.random.Generator`` passed in, so a seed fixes the defect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def perlin_noise(size: int, res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient (Perlin) noise (size, size) in about [-1, 1], with ``res`` cells per axis."""
+    cells = max(res)
+    n = -(-size // cells) * cells  # a multiple of every res (powers of two)
+    ry, rx = res
+    angles = 2 * np.pi * rng.random((ry + 1, rx + 1))
+    grad = np.stack([np.cos(angles), np.sin(angles)], -1)  # (ry+1, rx+1, 2)
+    y, x = np.mgrid[0:n, 0:n] + 0.5
+    gy, gx = y * ry / n, x * rx / n
+    iy, ix = gy.astype(int), gx.astype(int)
+    fy, fx = gy - iy, gx - ix
+
+    def dot(dy: int, dx: int) -> np.ndarray:
+        g = grad[iy + dy, ix + dx]
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    def fade(t: np.ndarray) -> np.ndarray:
+        return 6 * t**5 - 15 * t**4 + 10 * t**3
+
+    uy, ux = fade(fy), fade(fx)
+    top = dot(0, 0) * (1 - ux) + dot(0, 1) * ux
+    bottom = dot(1, 0) * (1 - ux) + dot(1, 1) * ux
+    return (np.sqrt(2) * (top * (1 - uy) + bottom * uy))[:size, :size]
+
+
+def perlin_mask(
+    size: int, rng: np.random.Generator, threshold: float = 0.5, max_scale: int = 6
+) -> np.ndarray:
+    """A binary defect mask (size, size): thresholded Perlin noise of random scale 2^0..2^(k-1)
+    per axis, rotated by up to 90 degrees; never empty."""
+    while True:
+        res = tuple(int(2 ** rng.integers(0, max_scale)) for _ in range(2))
+        noise = perlin_noise(size, res, rng)
+        noise = ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, order=1, mode="reflect")
+        mask = noise > threshold
+        if mask.any():
+            return mask
+
+
+def perlin_texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A procedural RGB texture (size, size, 3) in [0, 1]: coloured multi-octave Perlin noise."""
+    base = rng.random(3)
+    octaves = sum(
+        perlin_noise(size, (2**k, 2**k), rng) / 2 ** (k - 1) for k in range(1, rng.integers(3, 7))
+    )
+    tint = rng.uniform(-0.5, 0.5, 3)
+    tex = base + octaves[..., None] * tint
+    return np.clip(tex, 0, 1).astype(np.float32)
+
+
+def self_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image itself rolled, flipped and re-toned: foreign structure with the part's colours."""
+    h, w = image.shape[:2]
+    tex = np.roll(image, (rng.integers(h), rng.integers(w)), axis=(0, 1))
+    tex = np.rot90(tex, rng.integers(4)) if h == w else tex
+    tex = tex[::-1] if rng.random() < 0.5 else tex
+    gain, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.2, 0.2)
+    return np.clip(tex * gain + offset, 0, 1).astype(np.float32)
+
+
+def synthesize(
+    image: np.ndarray, rng: np.random.Generator, beta_max: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic defect on a square (S, S, 3) float image: returns (image, mask (S, S) bool).
+
+    Inside the mask the image is blended with a texture, ``(1 - b) texture + b image`` with
+    opacity b drawn in [0, beta_max) (DRAEM's rule); outside it is unchanged.
+    """
+    size = image.shape[0]
+    mask = perlin_mask(size, rng)
+    tex = perlin_texture(size, rng) if rng.random() < 0.5 else self_texture(image, rng)
+    if np.ptp(image, axis=2).max() < 1e-6:  # a gray part gets a gray defect
+        tex = np.repeat(tex.mean(axis=2, keepdims=True), 3, axis=2)
+    beta = rng.uniform(0, beta_max)
+    blended = (1 - beta) * tex + beta * image
+    out = np.where(mask[..., None], blended, image).astype(np.float32)
+    return out, mask
