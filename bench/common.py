@@ -42,8 +42,12 @@ def provenance() -> dict[str, Any]:
     }
 
 
+_AT_START = provenance()  # the code that ran is the code at start, not at the end
+
+
 def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as JSON with the provenance taken when the benchmark started."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**provenance(), **result}, indent=2))
+    path.write_text(json.dumps({**_AT_START, **result}, indent=2))
     print(f"wrote {path}")
