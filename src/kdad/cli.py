@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
+    b.add_argument("grid", help="grid YAML (see kdad.grid)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -100,6 +103,12 @@ def _run(args: argparse.Namespace) -> int:
         det = kdad.load(args.checkpoint, args.device)
         csv_path = det.predict_files(args.inputs, args.out, args.batch_size)
         print(f"predictions: {csv_path}")
+    elif args.verb == "bench":
+        from kdad.grid import run_grid
+
+        md, csv_path = run_grid(args.grid, progress=not args.no_progress)
+        print(md.read_text())
+        print(f"tables: {md}, {csv_path}")
     return 0
 
 

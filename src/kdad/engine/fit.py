@@ -55,11 +55,20 @@ def datasets(cfg: RunConfig) -> tuple[ImageDataset, SyntheticValidationSet | Non
 
 
 def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int) -> DataLoader:
-    """Shuffled by a generator seeded from (seed, epoch): resuming at any epoch replays it."""
+    """Shuffled by a generator seeded from (seed, epoch): resuming at any epoch replays it.
+
+    A last batch of a single image is dropped (that image comes in another batch next epoch):
+    BatchNorm cannot train on one sample of 1x1 features.
+    """
     g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
     order = torch.randperm(len(ds), generator=g).tolist()
+    bs = cfg.train.batch_size
     return DataLoader(
-        ds, batch_size=cfg.train.batch_size, sampler=order, num_workers=cfg.train.num_workers
+        ds,
+        batch_size=bs,
+        sampler=order,
+        num_workers=cfg.train.num_workers,
+        drop_last=len(ds) > 1 and len(ds) % bs == 1,
     )
 
 
@@ -105,7 +114,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         start, history, best = state["epoch"], list(state["history"]), state.get("best")
     holdout = [str(s.path) for s in val.samples] if val else []
 
-    steps = -(-len(ds) // t.batch_size)
+    steps = len(_loader(ds, cfg, 0))
     bar = tqdm(
         total=t.epochs * steps,
         initial=start * steps,

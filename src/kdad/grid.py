@@ -1,0 +1,224 @@
+"""``kdad bench``: a grid of runs (models x datasets or categories x seeds) from one YAML file,
+summarised as a Markdown table and a CSV with mean +- std over seeds.
+
+A finished run (its metrics.json exists) is never redone, and an interrupted one resumes from
+its last epoch: running the same grid again completes it.
+
+    out: runs/grid
+    seeds: [0, 1, 2]
+    train: {epochs: 30, image_size: 256}        # any kdad.train keyword, for every run
+    datasets:
+      - {name: mtd, path: ../shared/data/magnetic-tile}
+      - {name: mvtec, path: /data/mvtec, categories: [bottle, screw]}
+    models:
+      - {name: rd-lite0, model: rd, backbone: efficientnet_lite0}
+      - {name: rd-wrn50, model: rd, backbone: wide_resnet50_2, options: {sigma: 4}}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from kdad.config import OVERRIDES, RunConfig, apply_overrides
+from kdad.engine.checkpoint import load_checkpoint
+from kdad.errors import KdadError
+from kdad.metrics import METRIC_NAMES
+
+_RUN_KEYS = {"name", "model", "backbone", "stages", "options"}
+
+
+@dataclass
+class Job:
+    """One run of the grid."""
+
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    category: str | None
+    seed: int
+    out: Path
+
+    @property
+    def row(self) -> tuple[str, str]:
+        """The table row this run averages into: (model, dataset[/category])."""
+        data = self.dataset["name"] + (f"/{self.category}" if self.category else "")
+        return self.model["name"], data
+
+
+@dataclass
+class Grid:
+    """The parsed grid file."""
+
+    out: Path
+    seeds: list[int]
+    train: dict[str, Any]
+    datasets: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    jobs: list[Job] = field(default_factory=list)
+
+
+def _check(items: Any, what: str, where: str, allowed: set[str]) -> list[dict[str, Any]]:
+    if not isinstance(items, list) or not items:
+        raise KdadError(f"{where}: '{what}' must be a non-empty list")
+    for item in items:
+        if not isinstance(item, dict) or "name" not in item:
+            raise KdadError(f"{where}: every entry of '{what}' needs a name")
+        bad = set(item) - allowed
+        if bad:
+            raise KdadError(f"{where}: {what} {item['name']!r} has unknown key {sorted(bad)[0]!r}")
+    return items
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and check a grid file; every problem is one line naming the file."""
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise KdadError(f"{path}: cannot read grid ({str(e).splitlines()[0]})") from e
+    bad = set(d) - {"out", "seeds", "train", "datasets", "models"}
+    if bad:
+        raise KdadError(f"{path}: unknown key {sorted(bad)[0]!r}")
+    train = d.get("train") or {}
+    bad = set(train) - (
+        set(OVERRIDES)
+        - {"data", "layout", "category", "out", "seed", "model", "backbone", "stages"}
+    )
+    if bad:
+        raise KdadError(f"{path}: train has unknown or per-run key {sorted(bad)[0]!r}")
+    grid = Grid(
+        out=Path(d.get("out", "runs/grid")),
+        seeds=[int(s) for s in d.get("seeds", [0])],
+        train=train,
+        datasets=_check(
+            d.get("datasets"), "datasets", str(path), {"name", "path", "layout", "categories"}
+        ),
+        models=_check(d.get("models"), "models", str(path), _RUN_KEYS),
+    )
+    for m in grid.models:
+        for ds in grid.datasets:
+            for cat in ds.get("categories") or [None]:
+                for seed in grid.seeds:
+                    sub = ds["name"] + (f"-{cat}" if cat else "")
+                    out = grid.out / m["name"] / sub / f"seed{seed}"
+                    grid.jobs.append(Job(m, ds, cat, seed, out))
+    return grid
+
+
+def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Train (or resume) and evaluate one run; returns its summary (also in metrics.json)."""
+    from kdad.api import evaluate
+    from kdad.engine.fit import fit
+
+    done = job.out / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = apply_overrides(
+        RunConfig(),
+        data=job.dataset["path"],
+        layout=job.dataset.get("layout"),
+        category=job.category,
+        model=job.model.get("model", "rd"),
+        backbone=job.model.get("backbone"),
+        stages=job.model.get("stages"),
+        seed=job.seed,
+        out=job.out,
+        **train,
+    )
+    cfg.model.options = dict(job.model.get("options") or {})
+    resume = (job.out / "checkpoint.pt").is_file()
+    ckpt = fit(cfg, resume=resume, progress=progress)
+    state = load_checkpoint(job.out / "checkpoint.pt")
+    res = evaluate(ckpt, out=None)
+    res["training"] = {
+        "seconds": sum(h["seconds"] for h in state["history"]),
+        "epochs": state["epoch"],
+        "best": state.get("best"),
+    }
+    res["images_per_second"] = res["counts"]["images"] / res["inference_seconds"]
+    tmp = job.out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(done)
+    return res
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    v = [x for x in values if x is not None]
+    return (float(np.mean(v)), float(np.std(v))) if v else None
+
+
+def summarise(grid: Grid, results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, dataset): mean and std over seeds of every metric and cost."""
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for i, job in enumerate(grid.jobs):
+        if i in results:
+            rows.setdefault(job.row, []).append(results[i])
+    table = []
+    for (model, data), runs in rows.items():
+        row: dict[str, Any] = {"model": model, "data": data, "seeds": len(runs)}
+        for m in METRIC_NAMES:
+            row[m] = _mean_std([r["metrics"][m] for r in runs])
+        row["val"] = _mean_std([(r["training"]["best"] or {}).get("value") for r in runs])
+        row["train_s"] = _mean_std([r["training"]["seconds"] for r in runs])
+        row["img_per_s"] = _mean_std([r["images_per_second"] for r in runs])
+        table.append(row)
+    return table
+
+
+def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    if ms is None:
+        return "n/a"
+    return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
+
+
+def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """results.md (metrics in %, mean ± std over seeds) and results.csv (raw fractions)."""
+    out.mkdir(parents=True, exist_ok=True)
+    head = ["model", "data", "seeds", *METRIC_NAMES, "val (select)", "train s", "img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [
+            r["model"],
+            r["data"],
+            str(r["seeds"]),
+            *(_fmt(r[m]) for m in METRIC_NAMES),
+            _fmt(r["val"]),
+            _fmt(r["train_s"], 1, 0),
+            _fmt(r["img_per_s"], 1, 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    md = out / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    path = out / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        cols = [*METRIC_NAMES, "val", "train_s", "img_per_s"]
+        w.writerow(["model", "data", "seeds", *[f"{c}_{s}" for c in cols for s in ("mean", "std")]])
+        for r in table:
+            w.writerow(
+                [
+                    r["model"],
+                    r["data"],
+                    r["seeds"],
+                    *[("" if r[c] is None else f"{r[c][k]:.6g}") for c in cols for k in (0, 1)],
+                ]
+            )
+    return md, path
+
+
+def run_grid(path: str | Path, progress: bool = True) -> tuple[Path, Path]:
+    """Run every job of the grid not yet finished, then write its tables."""
+    grid = load_grid(path)
+    results = {}
+    for i, job in enumerate(grid.jobs):
+        model, data = job.row
+        if progress:
+            print(f"[{i + 1}/{len(grid.jobs)}] {model} on {data}, seed {job.seed}: {job.out}")
+        results[i] = run_job(job, grid.train, progress)
+    return write_tables(summarise(grid, results), grid.out)
