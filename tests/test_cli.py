@@ -32,7 +32,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_train_test_predict(model: str, tmp_path: Path) -> None:
-    data = make_mvtec(tmp_path / "data", n_train=12, n_good=6, n_bad=6)
+    data = make_mvtec(tmp_path / "data", n_train=16, n_good=6, n_bad=6)
     run = tmp_path / "run"
     kdad_cli(
         "train",
@@ -52,6 +52,8 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         "0",
         "--out",
         str(run),
+        "--holdout",
+        "0.25",
         "--no-progress",
     )
     assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
@@ -105,10 +107,29 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         "--out",
         str(tmp_path / "pred"),
     )
-    rows = read_csv(tmp_path / "pred" / "predictions.csv")
+    pred = tmp_path / "pred"
+    rows = read_csv(pred / "predictions.csv")
     assert len(rows) == 7 and all(float(r["score"]) > 0 for r in rows)
-    heat = Image.open(tmp_path / "pred" / rows[-1]["heatmap"])
-    assert heat.size == (96, 80)  # heatmaps at the original resolution
+    assert Image.open(pred / rows[-1]["heatmap"]).size == (96, 80)  # original resolution
+    lines = [json.loads(x) for x in (pred / "predictions.jsonl").read_text().splitlines()]
+    assert [x["path"] for x in lines] == [r["path"] for r in rows]
+    for r, x in zip(rows, lines):
+        assert r["decision"] in ("ok", "defect") and 0 <= float(r["normalised_score"]) <= 1
+        assert (r["decision"] == "defect") == (float(r["normalised_score"]) >= 0.5)
+        mask = np.asarray(Image.open(pred / r["mask"])) > 0
+        assert mask.any() == bool(x["instances"]) == (int(r["defects"]) > 0)
+    # The obvious squares are judged defects and located: the largest instance overlaps the truth.
+    found = [x for x in lines[:6] if x["decision"] == "defect"]
+    assert len(found) >= 5
+    for x in found:
+        truth = (
+            np.asarray(
+                Image.open(data / "ground_truth" / "scratch" / (Path(x["path"]).stem + "_mask.png"))
+            )
+            > 0
+        )
+        x0, y0, x1, y1 = x["instances"][0]["box"]
+        assert truth[y0:y1, x0:x1].any()
 
 
 def test_python_api_matches_cli_outputs(tmp_path: Path) -> None:

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from kdad.backbones import get_spec
 from kdad.config import RunConfig, apply_overrides, load_config
-from kdad.data.dataset import ImageDataset, preprocess
-from kdad.data.io import read_image
-from kdad.data.layouts import SPLITS, KdadWarning, collect_images, detect_layout, find_samples
-from kdad.engine.checkpoint import load_checkpoint
+from kdad.data.dataset import ImageDataset
+from kdad.data.layouts import SPLITS, KdadWarning, detect_layout, find_samples
+from kdad.detector import Detector, Prediction
 from kdad.engine.evaluate import evaluate_model
-from kdad.engine.fit import fit, model_from_config, resolve_device
+from kdad.engine.fit import fit
 from kdad.errors import KdadError
-from kdad.models import KDModel
-from kdad.outputs import PredictionWriter
 
 
 def train(
@@ -33,7 +24,7 @@ def train(
     progress: bool = True,
     **overrides: Any,
 ) -> Path:
-    """Train a model; returns RUN_DIR/checkpoint.pt.
+    """Train a model; returns the checkpoint to use (RUN_DIR/best.pt, see engine.fit).
 
     ``cfg`` (or the YAML file ``config``) gives the base settings, keyword ``overrides`` such as
     ``data=..., epochs=..., out=...`` replace single fields (names as the CLI flags).
@@ -44,92 +35,6 @@ def train(
     if not resume and not cfg.data.path:
         raise KdadError("no training data: give data=PATH (--data)")
     return fit(cfg, resume=resume, progress=progress)
-
-
-@dataclass
-class Prediction:
-    """One image's result: its anomaly map at model resolution (S, S) and its score."""
-
-    path: str
-    score: float
-    anomaly_map: np.ndarray
-
-
-class Detector:
-    """A trained model ready to score images."""
-
-    def __init__(self, model: KDModel, cfg: RunConfig, checkpoint: dict[str, Any]) -> None:
-        self.model = model.eval()
-        self.cfg = cfg
-        self.checkpoint = checkpoint
-        spec = get_spec(cfg.model.backbone)
-        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
-        self.std = torch.tensor(spec.std).view(3, 1, 1)
-        self.device = next(model.parameters()).device
-
-    @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto") -> Detector:
-        """Rebuild the model from a checkpoint's config and state dict (no download needed)."""
-        ckpt = load_checkpoint(checkpoint)
-        cfg = RunConfig.from_dict(ckpt["config"], ckpt["path"])
-        model = model_from_config(cfg, pretrained=False)
-        model.load_state_dict(ckpt["model"])
-        return cls(model.to(resolve_device(device)), cfg, ckpt)
-
-    @torch.inference_mode()
-    def _run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        size = self.cfg.data.image_size
-        x = torch.stack([preprocess(im, size, self.mean, self.std) for im in images])
-        out = self.model(x.to(self.device))
-        return out.anomaly_map.float().cpu().numpy(), out.score.float().cpu().numpy()
-
-    def predict(
-        self, images: Sequence[str | Path | np.ndarray], batch_size: int = 16
-    ) -> list[Prediction]:
-        """Score images given as files or float (H, W, 3) arrays in [0, 1]."""
-        results = []
-        for i in range(0, len(images), batch_size):
-            chunk = images[i : i + batch_size]
-            arrays = [im if isinstance(im, np.ndarray) else read_image(im) for im in chunk]
-            maps, scores = self._run(arrays)
-            names = [str(im) if not isinstance(im, np.ndarray) else "" for im in chunk]
-            results += [Prediction(n, float(s), m) for n, s, m in zip(names, scores, maps)]
-        return results
-
-    def predict_files(
-        self, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 16
-    ) -> Path:
-        """Score image files and folders; write OUT/predictions.csv and OUT/heatmaps/*.png.
-
-        An unreadable image gets a row with its error and a warning; the run goes on.
-        """
-        out = Path(out)
-        paths = collect_images(list(inputs))
-        writer = PredictionWriter(out)
-        try:
-            for i in range(0, len(paths), batch_size):
-                chunk = [(p, _try_read(p)) for p in paths[i : i + batch_size]]
-                ok = [img for _, img in chunk if not isinstance(img, str)]
-                maps, scores = self._run(ok) if ok else ([], [])
-                k = 0
-                for p, img in chunk:  # rows in input order
-                    if isinstance(img, str):
-                        writer.write_error(p, img)
-                    else:
-                        writer.write(p, float(scores[k]), img, maps[k])
-                        k += 1
-        finally:
-            writer.close()
-        return out / "predictions.csv"
-
-
-def _try_read(path: Path) -> np.ndarray | str:
-    """The image, or its error message (also warned) when it cannot be read."""
-    try:
-        return read_image(path)
-    except KdadError as e:
-        warnings.warn(str(e), KdadWarning, stacklevel=3)
-        return str(e)
 
 
 def load(checkpoint: str | Path, device: str = "auto") -> Detector:
@@ -150,7 +55,9 @@ def evaluate(
     """Score a labelled test set: every metric, the protocol and per-image scores, also written
     to OUT/metrics.json; ``save_maps`` writes the maps and ground truth to an .npz.
     Data defaults to the training data's folder."""
-    det = load(checkpoint, device)
+    with warnings.catch_warnings():  # metrics need no calibration
+        warnings.simplefilter("ignore", KdadWarning)
+        det = load(checkpoint, device)
     d = det.cfg.data
     root = Path(data) if data else Path(d.path)
     layout = layout or d.layout
@@ -200,3 +107,6 @@ def evaluate(
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(out / "metrics.json")
     return result
+
+
+__all__ = ["Detector", "Prediction", "evaluate", "load", "train"]

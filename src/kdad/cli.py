@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=float, help="good images held out for validation (0.1)")
     t.add_argument("--val-every", type=int, help="epochs between validations (5)")
     t.add_argument("--select", help="validation metric choosing best.pt (pixel_ap)")
+    t.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        help="share of good parts the calibrated threshold flags (0.01)",
+    )
     t.add_argument("--out", help="run folder (default runs/latest)")
     t.add_argument("--config", help="YAML run config; flags override it")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -66,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--f1-threshold-from",
+        metavar="DIR",
+        help="labelled validation folder (never the test set) to set an F1-best "
+        "image threshold instead of the calibrated one",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
@@ -101,6 +112,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"metrics: {Path(out) / 'metrics.json'}")
     elif args.verb == "predict":
         det = kdad.load(args.checkpoint, args.device)
+        if args.f1_threshold_from:
+            t = det.use_f1_threshold(args.f1_threshold_from)
+            print(f"image threshold (F1 on {args.f1_threshold_from}): {t:.6g}")
         csv_path = det.predict_files(args.inputs, args.out, args.batch_size)
         print(f"predictions: {csv_path}")
     elif args.verb == "bench":

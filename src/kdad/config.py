@@ -54,12 +54,21 @@ class TrainConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Thresholds set from held-out good training images (see engine/calibrate.py)."""
+
+    false_alarm_rate: float = 0.01  # share of good parts the image threshold flags
+    pixel_quantile: float = 0.999  # quantile of good pixels that is the pixel threshold
+
+
+@dataclass
 class RunConfig:
     """Everything needed to reproduce a run; saved as RUN_DIR/config.yaml and in the checkpoint."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     out: str = "runs/latest"
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +145,7 @@ OVERRIDES = {
     "num_workers": "train.num_workers",
     "val_every": "train.val_every",
     "select": "train.select",
+    "false_alarm_rate": "calibration.false_alarm_rate",
     "out": "out",
 }
 

@@ -1,37 +1,73 @@
-"""What predict writes: a heatmap overlay per image and a CSV of scores."""
+"""What predict writes per image: heatmap overlay, binary defect mask, defect instances, and
+the run's predictions.csv (one line an image) and predictions.jsonl (with instances)."""
 
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
+from scipy import ndimage
+
+EIGHT = np.ones((3, 3), bool)
 
 
 def upsample_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     """An (S, S) anomaly map resized bilinearly to the original (height, width)."""
     t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[
-        0, 0
-    ].numpy()
+    t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
+    return t[0, 0].numpy()
 
 
-def heatmap_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Jet-coloured map over the image (H, W, 3) in [0, 1], at the image's resolution.
-
-    The map is scaled to its own range: it shows where in this image, not how anomalous the
-    image is (its score says that).
-    """
-    h, w = image.shape[:2]
-    m = upsample_map(amap, h, w)
-    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
-    color = colormaps["jet"](m)[:, :, :3]  # (H, W, 3)
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Jet-coloured ``heat`` (H, W) in [0, 1] blended over the image (H, W, 3) in [0, 1]."""
+    color = colormaps["jet"](np.clip(heat, 0, 1))[:, :, :3]  # (H, W, 3)
     blend = (1 - alpha) * image + alpha * color
     return Image.fromarray((blend * 255).round().astype(np.uint8))
+
+
+def find_instances(mask: np.ndarray, heat: np.ndarray) -> list[dict[str, Any]]:
+    """8-connected defect regions of ``mask`` (H, W): box [x0, y0, x1, y1) in original pixels,
+    area in pixels, max and mean of ``heat`` inside, largest first."""
+    labels, n = ndimage.label(mask, structure=EIGHT)
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(np.ones_like(heat), labels, idx)
+    maxima = ndimage.maximum(heat, labels, idx)
+    means = ndimage.mean(heat, labels, idx)
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(labels)):
+        out.append(
+            {
+                "box": [int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop)],
+                "area": int(areas[k]),
+                "max_score": round(float(maxima[k]), 6),
+                "mean_score": round(float(means[k]), 6),
+            }
+        )
+    return sorted(out, key=lambda d: -d["area"])
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome. Without calibration: raw score only, no decision or mask."""
+
+    path: str
+    score: float | None = None
+    normalised_score: float | None = None
+    decision: str | None = None  # "ok" or "defect"
+    instances: list[dict[str, Any]] = field(default_factory=list)
+    heatmap: str = ""
+    mask: str = ""
+    error: str = ""
 
 
 def unique_name(path: Path, used: set[str]) -> str:
@@ -44,24 +80,60 @@ def unique_name(path: Path, used: set[str]) -> str:
 
 
 class PredictionWriter:
-    """Streams one CSV row per image: path, score, heatmap file, error if unreadable."""
+    """Streams each image's files and its lines of predictions.csv and predictions.jsonl."""
+
+    COLUMNS = (
+        "path",
+        "score",
+        "normalised_score",
+        "decision",
+        "defects",
+        "heatmap",
+        "mask",
+        "error",
+    )
 
     def __init__(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "heatmaps").mkdir(exist_ok=True)
+        for sub in ("heatmaps", "masks"):
+            (out / sub).mkdir(exist_ok=True)
         self.out = out
-        self._file = open(out / "predictions.csv", "w", newline="")  # noqa: SIM115 (closed by close())
-        self._csv = csv.writer(self._file)
-        self._csv.writerow(["path", "score", "heatmap", "error"])
+        self._csv_file = open(out / "predictions.csv", "w", newline="")  # noqa: SIM115
+        self._jsonl = open(out / "predictions.jsonl", "w")  # noqa: SIM115
+        self._csv = csv.writer(self._csv_file)
+        self._csv.writerow(self.COLUMNS)
         self._used: set[str] = set()
 
-    def write(self, path: Path, score: float, image: np.ndarray, amap: np.ndarray) -> None:
-        name = f"heatmaps/{unique_name(path, self._used)}.png"
-        heatmap_overlay(image, amap).save(self.out / name)
-        self._csv.writerow([str(path), f"{score:.6g}", name, ""])
-
-    def write_error(self, path: Path, error: str) -> None:
-        self._csv.writerow([str(path), "", "", error])
+    def write(
+        self,
+        result: ImageResult,
+        image: np.ndarray | None = None,
+        heat: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Save the overlay of ``heat`` and the binary ``mask`` (original resolution) if given,
+        then the result's lines."""
+        stem = unique_name(Path(result.path), self._used)
+        if image is not None and heat is not None:
+            result.heatmap = f"heatmaps/{stem}.png"
+            heatmap_overlay(image, heat).save(self.out / result.heatmap)
+        if mask is not None:
+            result.mask = f"masks/{stem}.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(self.out / result.mask)
+        self._csv.writerow(
+            [
+                result.path,
+                "" if result.score is None else f"{result.score:.6g}",
+                "" if result.normalised_score is None else f"{result.normalised_score:.6g}",
+                result.decision or "",
+                len(result.instances) if result.decision else "",
+                result.heatmap,
+                result.mask,
+                result.error,
+            ]
+        )
+        self._jsonl.write(json.dumps(asdict(result)) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        self._csv_file.close()
+        self._jsonl.close()

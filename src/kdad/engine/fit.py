@@ -14,6 +14,7 @@ from kdad.backbones import get_spec
 from kdad.config import RunConfig, save_config
 from kdad.data.dataset import ImageDataset, SyntheticValidationSet
 from kdad.data.layouts import find_samples, split_holdout
+from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.evaluate import evaluate_model
 from kdad.errors import KdadError
@@ -144,14 +145,20 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             "holdout": holdout,
         }
         if val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
-            entry["val"] = evaluate_model(model, val, t.batch_size).metrics()
+            ev = evaluate_model(model, val, t.batch_size)
+            entry["val"] = ev.metrics()
+            good = ev.labels == 0  # the held-out good images as they are
+            c = cfg.calibration
+            state["calibration"] = calibrate(
+                ev.scores[good], ev.maps[good], c.false_alarm_rate, c.pixel_quantile
+            )
             value = entry["val"][t.select]
             if value is not None and (best is None or value > best["value"]):
                 best = {"epoch": epoch + 1, "metric": t.select, "value": value}
                 save_checkpoint(
                     out / "best.pt", {**state, "history": [*history, entry], "best": best}
                 )
-            bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", **{f"val_{t.select}": f"{value:.4f}"})
+            bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", **{f"val_{t.select}": value})
         history.append(entry)
         save_checkpoint(
             ckpt_path, {**state, "history": history, "best": best, "optimizer": opt.state_dict()}

@@ -1,0 +1,176 @@
+"""A trained model ready for the line: scores, calibrated decisions, maps, masks, instances."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdad.backbones import get_spec
+from kdad.config import RunConfig
+from kdad.data.dataset import ImageDataset, preprocess
+from kdad.data.io import read_image
+from kdad.data.layouts import KdadWarning, collect_images, find_samples
+from kdad.engine.calibrate import f1_threshold, normalise
+from kdad.engine.checkpoint import load_checkpoint
+from kdad.engine.evaluate import evaluate_model
+from kdad.engine.fit import model_from_config, resolve_device
+from kdad.errors import KdadError
+from kdad.models import KDModel
+from kdad.outputs import ImageResult, PredictionWriter, find_instances, upsample_map
+
+
+@dataclass
+class Prediction:
+    """One image at model resolution: raw map (S, S) and score; with calibration also the
+    normalised score in [0, 1] (0.5 = threshold) and the decision."""
+
+    path: str
+    score: float
+    anomaly_map: np.ndarray
+    normalised_score: float | None = None
+    decision: str | None = None  # "ok" or "defect"
+
+
+class Detector:
+    """A model, its config and its calibration (None for a checkpoint that has none)."""
+
+    def __init__(self, model: KDModel, cfg: RunConfig, checkpoint: dict[str, Any]) -> None:
+        self.model = model.eval()
+        self.cfg = cfg
+        self.checkpoint = checkpoint
+        self.calibration: dict[str, Any] | None = checkpoint.get("calibration")
+        spec = get_spec(cfg.model.backbone)
+        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self.std = torch.tensor(spec.std).view(3, 1, 1)
+        self.device = next(model.parameters()).device
+        if self.calibration is None:
+            warnings.warn(
+                f"{checkpoint.get('path', 'checkpoint')} has no calibration (trained without "
+                "held-out images, interrupted before validating, or older): scores are raw, "
+                "with no decisions or masks",
+                KdadWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto") -> Detector:
+        """Rebuild the model from a checkpoint's config and state dict (no download needed)."""
+        ckpt = load_checkpoint(checkpoint)
+        cfg = RunConfig.from_dict(ckpt["config"], ckpt["path"])
+        model = model_from_config(cfg, pretrained=False)
+        model.load_state_dict(ckpt["model"])
+        return cls(model.to(resolve_device(device)), cfg, ckpt)
+
+    def use_f1_threshold(self, data: str | Path, layout: str = "auto") -> float:
+        """Set the image threshold to the F1-best one on a labelled validation folder given
+        explicitly (never the test set: that is the caller's promise). Returns it."""
+        if self.calibration is None:
+            raise KdadError("an F1 threshold needs a calibrated checkpoint (for normalisation)")
+        d = self.cfg.data
+        samples = find_samples(data, "test", layout, None, d.normal_dir, d.abnormal_dir, d.mask_dir)
+        ds = ImageDataset(
+            samples, d.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist()
+        )
+        ev = evaluate_model(self.model, ds)
+        t = f1_threshold(ev.scores, ev.labels)
+        low = min(self.calibration["image_low"], t - 1e-6)
+        self.calibration = {
+            **self.calibration,
+            "image_threshold": t,
+            "image_low": low,
+            "image_threshold_from": f"F1 on {data}",
+        }
+        return t
+
+    @torch.inference_mode()
+    def _run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        size = self.cfg.data.image_size
+        x = torch.stack([preprocess(im, size, self.mean, self.std) for im in images])
+        out = self.model(x.to(self.device))
+        return out.anomaly_map.float().cpu().numpy(), out.score.float().cpu().numpy()
+
+    def _decide(self, score: float) -> tuple[float | None, str | None]:
+        c = self.calibration
+        if c is None:
+            return None, None
+        ns = float(normalise(np.float64(score), c["image_threshold"], c["image_low"]))
+        return ns, "defect" if score >= c["image_threshold"] else "ok"
+
+    def predict(
+        self, images: Sequence[str | Path | np.ndarray], batch_size: int = 16
+    ) -> list[Prediction]:
+        """Score images given as files or float (H, W, 3) arrays in [0, 1]."""
+        results = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            arrays = [im if isinstance(im, np.ndarray) else read_image(im) for im in chunk]
+            maps, scores = self._run(arrays)
+            for im, s, m in zip(chunk, scores, maps):
+                name = "" if isinstance(im, np.ndarray) else str(im)
+                results.append(Prediction(name, float(s), m, *self._decide(float(s))))
+        return results
+
+    def analyse(
+        self, path: Path, image: np.ndarray, amap: np.ndarray, score: float
+    ) -> tuple[ImageResult, np.ndarray, np.ndarray | None]:
+        """Result, heat (H, W) in [0, 1] and defect mask (H, W) at the image's resolution.
+
+        With calibration the heat is the normalised map (0.5 = pixel threshold, the same scale
+        for every image) and the mask is heat >= 0.5 on parts judged defective. Without, the heat
+        is the map scaled to its own range (where, not how much) and there is no mask.
+        """
+        h, w = image.shape[:2]
+        full = upsample_map(amap, h, w)
+        ns, decision = self._decide(score)
+        res = ImageResult(str(path), float(score), ns, decision)
+        c = self.calibration
+        if c is None:
+            heat = (full - full.min()) / max(float(full.max() - full.min()), 1e-12)
+            return res, heat, None
+        heat = normalise(full, c["pixel_threshold"], c["pixel_low"])
+        mask = (heat >= 0.5) & (decision == "defect")
+        res.instances = find_instances(mask, heat)
+        return res, heat, mask
+
+    def predict_files(
+        self, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 16
+    ) -> Path:
+        """Score image files and folders, streaming: OUT/predictions.csv and .jsonl, and per
+        image OUT/heatmaps/*.png and OUT/masks/*.png at the original resolution.
+
+        An unreadable image gets a line with its error and a warning; the run goes on.
+        """
+        out = Path(out)
+        paths = collect_images(list(inputs))
+        writer = PredictionWriter(out)
+        try:
+            for i in range(0, len(paths), batch_size):
+                chunk = [(p, _try_read(p)) for p in paths[i : i + batch_size]]
+                ok = [img for _, img in chunk if not isinstance(img, str)]
+                maps, scores = self._run(ok) if ok else ([], [])
+                k = 0
+                for p, img in chunk:  # lines in input order
+                    if isinstance(img, str):
+                        writer.write(ImageResult(str(p), error=img))
+                        continue
+                    res, heat, mask = self.analyse(p, img, maps[k], float(scores[k]))
+                    writer.write(res, img, heat, mask)
+                    k += 1
+        finally:
+            writer.close()
+        return out / "predictions.csv"
+
+
+def _try_read(path: Path) -> np.ndarray | str:
+    """The image, or its error message (also warned) when it cannot be read."""
+    try:
+        return read_image(path)
+    except KdadError as e:
+        warnings.warn(str(e), KdadWarning, stacklevel=3)
+        return str(e)
