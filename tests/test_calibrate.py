@@ -98,3 +98,36 @@ def test_calibrated_checkpoint_flags_about_the_target_share(tmp_path: Path) -> N
     held = kdad.engine.checkpoint.load_checkpoint(ckpt)["holdout"]
     flagged = [p.decision == "defect" for p in det.predict(held)]
     assert sum(flagged) == 1  # 1 of the 4 held-out good images: the 25% asked for
+
+
+def test_recalibrate_a_checkpoint(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "f", n_good=12)
+    ckpt = kdad.train(
+        data=data / "good",
+        epochs=1,
+        batch_size=4,
+        image_size=32,
+        holdout=0.34,
+        out=tmp_path / "r",
+        progress=False,
+    )
+    before = kdad.load(ckpt).calibration
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdad",
+            "calibrate",
+            "--checkpoint",
+            str(ckpt),
+            "--false-alarm-rate",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    after = kdad.load(ckpt).calibration
+    assert json.loads(proc.stdout)["false_alarm_rate"] == 0.5 == after["false_alarm_rate"]
+    assert after["image_threshold"] < before["image_threshold"]  # flags more
+    assert after["pixel_threshold"] == pytest.approx(before["pixel_threshold"], rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    c = sub.add_parser(
+        "calibrate", help="recompute a checkpoint's thresholds from its held-out good images"
+    )
+    c.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    c.add_argument("--false-alarm-rate", type=float, help="share of good parts flagged")
+    c.add_argument("--pixel-quantile", type=float, help="quantile of good pixels")
+    c.add_argument("--device", default="auto")
+
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
     b.add_argument("grid", help="grid YAML (see kdad.grid)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -117,6 +126,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"image threshold (F1 on {args.f1_threshold_from}): {t:.6g}")
         csv_path = det.predict_files(args.inputs, args.out, args.batch_size)
         print(f"predictions: {csv_path}")
+    elif args.verb == "calibrate":
+        from kdad.engine.calibrate import recalibrate
+
+        cal = recalibrate(args.checkpoint, args.false_alarm_rate, args.pixel_quantile, args.device)
+        print(json.dumps(cal, indent=2))
     elif args.verb == "bench":
         from kdad.grid import run_grid
 
