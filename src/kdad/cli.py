@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
+    r.add_argument("source", help="run folder, metrics.json, or predict output folder")
+    r.add_argument("--out", help="HTML file (default: report.html beside the source)")
+
     c = sub.add_parser(
         "calibrate", help="recompute a checkpoint's thresholds from its held-out good images"
     )
@@ -126,6 +130,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"image threshold (F1 on {args.f1_threshold_from}): {t:.6g}")
         csv_path = det.predict_files(args.inputs, args.out, args.batch_size)
         print(f"predictions: {csv_path}")
+    elif args.verb == "report" or args.verb == "report":
+        from kdad.report import build_report
+
+        print(f"report: {build_report(args.source, args.out)}")
     elif args.verb == "calibrate":
         from kdad.engine.calibrate import recalibrate
 

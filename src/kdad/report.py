@@ -1,0 +1,222 @@
+"""``kdad report``: one self-contained HTML file (figures embedded) explaining a run.
+
+From a test's metrics.json (or the folder holding it): the metrics and the protocol, ROC and PR
+curves, score histograms of good and defective parts with the threshold, and the worst false
+positives and false negatives with their heatmaps. From a predict folder (predictions.jsonl,
+no labels): the score distribution and the highest-scoring images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from kdad.data.layouts import KdadWarning
+from kdad.errors import KdadError
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
+text-align:left}figure{display:inline-block;margin:0.5em;vertical-align:top}
+figcaption{font-size:0.85em;max-width:240px;word-break:break-all}
+img.thumb{width:240px;height:auto}"""
+# After load, the page records how many of its figures rendered (a test reads it in Chromium).
+_CHECK = """<script>window.addEventListener('load',()=>{const im=[...document.images];
+document.body.dataset.figures=im.length;
+document.body.dataset.rendered=im.filter(i=>i.complete&&i.naturalWidth>0).length;});</script>"""
+
+
+def _png(fig_or_image: Any) -> str:
+    """A matplotlib figure or PIL image as a data URI."""
+    buf = io.BytesIO()
+    if isinstance(fig_or_image, Image.Image):
+        fig_or_image.save(buf, format="PNG")
+    else:
+        fig_or_image.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(uri: str, alt: str, caption: str = "", cls: str = "") -> str:
+    c = f' class="{cls}"' if cls else ""
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img{c} src="{uri}" alt="{html.escape(alt)}">{cap}</figure>'
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table>{cells}</table>"
+
+
+def _histogram(groups: dict[str, np.ndarray], threshold: float | None, title: str) -> str:
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    bins = np.histogram_bin_edges(np.concatenate(list(groups.values())), bins=40)
+    for name, v in groups.items():
+        ax.hist(v, bins=bins, alpha=0.6, label=f"{name} ({len(v)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("anomaly score")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    return _img(_png(fig), title)
+
+
+def _curves(scores: np.ndarray, labels: np.ndarray) -> str:
+    fpr, tpr, _ = roc_curve(labels, scores)
+    p, r, _ = precision_recall_curve(labels, scores)
+    fig = Figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
+    a.plot(fpr, tpr)
+    a.plot([0, 1], [0, 1], "k:", lw=0.8)
+    a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (images)")
+    b.plot(r, p)
+    b.set(xlabel="recall", ylabel="precision", title="precision-recall (images)")
+    return _img(_png(fig), "ROC and PR curves")
+
+
+def _overlays(checkpoint: str, rows: list[dict[str, Any]], what: str) -> str:
+    """Heatmap overlays of the given images, computed with the run's own checkpoint."""
+    if not rows:
+        return f"<p>No {what}.</p>"
+    from kdad.data.io import read_image
+    from kdad.detector import Detector
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KdadWarning)
+        det = Detector.load(checkpoint, device="cpu")
+    from kdad.outputs import heatmap_overlay
+
+    figs = []
+    for r, pred in zip(rows, det.predict([r["path"] for r in rows])):
+        img = read_image(r["path"])
+        _, heat, _ = det.analyse(Path(r["path"]), img, pred.anomaly_map, pred.score)
+        caption = f"{Path(r['path']).name} ({r.get('defect', '')}) score {r['score']:.4g}"
+        figs.append(_img(_png(heatmap_overlay(img, heat)), caption, caption, "thumb"))
+    return "".join(figs)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}"
+        f"{_CHECK}</body></html>"
+    )
+
+
+def _threshold(checkpoint: str) -> float | None:
+    from kdad.engine.checkpoint import load_checkpoint
+
+    cal = load_checkpoint(checkpoint).get("calibration")
+    return None if cal is None else cal["image_threshold"]
+
+
+def labelled_report(metrics_file: Path, top: int = 6) -> str:
+    res = json.loads(metrics_file.read_text())
+    per = res["per_image"]
+    scores = np.array([r["score"] for r in per])
+    labels = np.array([r["label"] for r in per])
+    ckpt = res["protocol"]["checkpoint"]
+    t = _threshold(ckpt)
+    metric_rows = [
+        (k, "n/a" if v is None else f"{100 * v:.2f}%") for k, v in res["metrics"].items()
+    ]
+    body = [
+        "<h2>Metrics</h2>",
+        _table(metric_rows),
+        "<h2>Protocol</h2>",
+        _table(list(res["protocol"].items()) + list(res["counts"].items())),
+    ]
+    if t is not None:
+        good, bad = scores[labels == 0], scores[labels == 1]
+        body.append(
+            _table(
+                [
+                    ("image threshold (good images only)", f"{t:.6g}"),
+                    ("good test images flagged", f"{np.mean(good >= t):.2%}"),
+                    ("defective test images caught", f"{np.mean(bad >= t):.2%}"),
+                ]
+            )
+        )
+    if labels.any() and not labels.all():
+        body += ["<h2>Curves</h2>", _curves(scores, labels)]
+    body += [
+        "<h2>Scores</h2>",
+        _histogram(
+            {"good": scores[labels == 0], "defective": scores[labels == 1]}, t, "image scores"
+        ),
+    ]
+    good_rows = sorted((r for r in per if r["label"] == 0), key=lambda r: -r["score"])[:top]
+    bad_rows = sorted((r for r in per if r["label"] == 1), key=lambda r: r["score"])[:top]
+    body += [
+        "<h2>Worst false positives (highest-scoring good images)</h2>",
+        _overlays(ckpt, good_rows, "good images"),
+        "<h2>Worst false negatives (lowest-scoring defective images)</h2>",
+        _overlays(ckpt, bad_rows, "defective images"),
+    ]
+    return _page(
+        f"kdad report: {res['protocol']['model']} on {res['protocol']['data']}", "".join(body)
+    )
+
+
+def unlabelled_report(pred_dir: Path, top: int = 12) -> str:
+    lines = [
+        json.loads(x)
+        for x in (pred_dir / "predictions.jsonl").read_text().splitlines()
+        if x.strip()
+    ]
+    ok = [x for x in lines if x["score"] is not None]
+    if not ok:
+        raise KdadError(f"{pred_dir}: no scored images in predictions.jsonl")
+    scores = np.array([x["score"] for x in ok])
+    decided = [x for x in ok if x["decision"]]
+    body = [
+        "<h2>Summary</h2>",
+        _table(
+            [
+                ("images", len(lines)),
+                ("unreadable", len(lines) - len(ok)),
+                (
+                    "judged defective",
+                    sum(x["decision"] == "defect" for x in decided)
+                    if decided
+                    else "no calibration",
+                ),
+            ]
+        ),
+        "<h2>Scores</h2>",
+        _histogram({"all images": scores}, None, "image scores"),
+        "<h2>Highest-scoring images</h2>",
+    ]
+    for x in sorted(ok, key=lambda x: -x["score"])[:top]:
+        img = Image.open(pred_dir / x["heatmap"])
+        caption = f"{Path(x['path']).name} score {x['score']:.4g} {x['decision'] or ''}"
+        body.append(_img(_png(img), caption, caption, "thumb"))
+    return _page(f"kdad predictions: {pred_dir}", "".join(body))
+
+
+def build_report(source: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report for a run folder, a metrics.json or a predict folder; returns its path."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".json":
+        page, default = labelled_report(source), source.with_name("report.html")
+    elif (source / "metrics.json").is_file():
+        page, default = labelled_report(source / "metrics.json"), source / "report.html"
+    elif (source / "predictions.jsonl").is_file():
+        page, default = unlabelled_report(source), source / "report.html"
+    else:
+        raise KdadError(f"{source}: no metrics.json or predictions.jsonl to report on")
+    path = Path(out) if out else default
+    path.write_text(page)
+    return path
