@@ -80,18 +80,23 @@ def test_checkpoint_without_calibration_still_predicts_raw(tmp_path: Path) -> No
     assert all((tmp_path / "p" / x["heatmap"]).is_file() and x["mask"] == "" for x in lines)
 
 
-def test_calibrated_checkpoint_flags_about_the_target_share(tmp_path: Path) -> None:
+def _train_on_parts(tmp_path: Path, **settings) -> Path:
+    """One epoch on 12 good parts, 4 of them held out for calibration."""
     data = make_folder(tmp_path / "f", n_good=12)
-    ckpt = kdad.train(
+    return kdad.train(
         data=data / "good",
         epochs=1,
         batch_size=4,
         image_size=32,
         holdout=0.34,
-        false_alarm_rate=0.25,
         out=tmp_path / "r",
         progress=False,
+        **settings,
     )
+
+
+def test_calibrated_checkpoint_flags_about_the_target_share(tmp_path: Path) -> None:
+    ckpt = _train_on_parts(tmp_path, false_alarm_rate=0.25)
     det = kdad.load(ckpt)
     c = det.calibration
     assert c["images"] == 4 and c["false_alarm_rate"] == 0.25
@@ -101,16 +106,7 @@ def test_calibrated_checkpoint_flags_about_the_target_share(tmp_path: Path) -> N
 
 
 def test_recalibrate_a_checkpoint(tmp_path: Path) -> None:
-    data = make_folder(tmp_path / "f", n_good=12)
-    ckpt = kdad.train(
-        data=data / "good",
-        epochs=1,
-        batch_size=4,
-        image_size=32,
-        holdout=0.34,
-        out=tmp_path / "r",
-        progress=False,
-    )
+    ckpt = _train_on_parts(tmp_path)
     before = kdad.load(ckpt).calibration
     proc = subprocess.run(
         [

@@ -25,6 +25,22 @@ def kdad_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def train_one_epoch(data: Path, out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return kdad_cli(
+        "train",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--out",
+        str(out),
+        "--no-progress",
+        check=check,
+    )
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -188,19 +204,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "d")
     bad = data / "train" / "good" / "003.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
-    proc = kdad_cli(
-        "train",
-        "--data",
-        str(data),
-        "--epochs",
-        "1",
-        "--image-size",
-        "64",
-        "--out",
-        str(tmp_path / "r"),
-        "--no-progress",
-        check=False,
-    )
+    proc = train_one_epoch(data, tmp_path / "r", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"kdad: error: {bad}: cannot read image")
@@ -213,18 +217,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path) -> None:
 
 def test_predict_reports_unreadable_image_and_goes_on(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "d")
-    kdad_cli(
-        "train",
-        "--data",
-        str(data),
-        "--epochs",
-        "1",
-        "--image-size",
-        "64",
-        "--out",
-        str(tmp_path / "r"),
-        "--no-progress",
-    )
+    train_one_epoch(data, tmp_path / "r")
     inputs = tmp_path / "in"
     save(inputs / "a.png", texture(np.random.default_rng(0)))
     (inputs / "b.png").write_bytes(b"garbage")

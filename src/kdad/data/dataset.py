@@ -70,7 +70,7 @@ class ImageDataset(Dataset):
         }
 
 
-class SyntheticValidationSet(Dataset):
+class SyntheticValidationSet(ImageDataset):
     """Held-out good images, each twice: as it is (label 0) and with a synthetic Perlin defect
     (label 1, its mask). The defects are fixed by ``seed``: the same set every epoch and run."""
 
@@ -82,10 +82,7 @@ class SyntheticValidationSet(Dataset):
         std: tuple[float, float, float],
         seed: int = 0,
     ) -> None:
-        self.samples = samples
-        self.size = image_size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        super().__init__(samples, image_size, mean, std)
         self.seed = seed
 
     def __len__(self) -> int:
