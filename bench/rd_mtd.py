@@ -68,7 +68,8 @@ def main() -> None:
         out=args.run_dir,
         progress=False,
     )
-    history = torch.load(ckpt, weights_only=True)["history"]
+    # The whole run's epochs (best.pt stops at the kept epoch); the median resists a slow outlier.
+    history = torch.load(Path(args.run_dir) / "checkpoint.pt", weights_only=True)["history"]
     res = kdad.evaluate(ckpt, out=args.run_dir)
     det = kdad.load(ckpt, device="cpu")
     images = [read_image(r["path"]) for r in res["per_image"][:32]]
@@ -78,7 +79,9 @@ def main() -> None:
         "metrics": res["metrics"],
         "image_auroc_per_class": per_class_auroc(res["per_image"]),
         "counts": res["counts"],
-        "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])),
+        "seconds_per_epoch": float(np.median([h["seconds"] for h in history])),
+        "kept_epoch": res["protocol"]["epoch"],
+        "validation": [{"epoch": h["epoch"], **h["val"]} for h in history if "val" in h],
         "final_loss": history[-1]["loss"],
         "images_per_second": {
             "batch1": throughput(det, images, 1, 1),
