@@ -124,3 +124,11 @@ def test_best_epoch_is_chosen_on_validation_only(mvtec: Path, tmp_path: Path) ->
     assert len(last["holdout"]) == 1 and set(last["holdout"]) <= train_paths
     test_paths = {str(s.path) for s in find_samples(mvtec, "test")}
     assert not set(last["holdout"]) & test_paths  # validation never touches the test set
+
+
+def test_relative_data_path_is_stored_absolute(mvtec: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(mvtec.parent)
+    cfg = _cfg(Path(mvtec.name), tmp_path / "r", 1)
+    fit(cfg, progress=False)
+    saved = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]["data"]["path"]
+    assert saved == str(mvtec.resolve())  # testable and resumable from any folder

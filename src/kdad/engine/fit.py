@@ -98,6 +98,8 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         raise KdadError("epochs, batch size and val_every must be at least 1")
     if t.select not in METRIC_NAMES:
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
+    if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
