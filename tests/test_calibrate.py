@@ -127,3 +127,35 @@ def test_recalibrate_a_checkpoint(tmp_path: Path) -> None:
     assert json.loads(proc.stdout)["false_alarm_rate"] == 0.5 == after["false_alarm_rate"]
     assert after["image_threshold"] < before["image_threshold"]  # flags more
     assert after["pixel_threshold"] == pytest.approx(before["pixel_threshold"], rel=1e-5)
+
+
+def test_f1_threshold_only_from_a_named_labelled_folder(tmp_path: Path) -> None:
+    ckpt = _train_on_parts(tmp_path)
+    labelled = make_folder(tmp_path / "val", n_good=5, n_bad=4, seed=9)
+    det = kdad.load(ckpt)
+    calibrated = det.calibration["image_threshold"]
+    t = det.use_f1_threshold(labelled)
+    files = sorted((labelled / "good").iterdir()) + sorted((labelled / "defect").iterdir())
+    scores = np.array([p.score for p in det.predict(files)])
+    labels = np.array([f.parent.name == "defect" for f in files])
+    assert t == pytest.approx(f1_threshold(scores, labels)) and t != calibrated
+    assert det.calibration["image_threshold_from"].startswith("F1 on")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdad",
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            str(labelled / "good"),
+            "--out",
+            str(tmp_path / "p"),
+            "--f1-threshold-from",
+            str(labelled),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"image threshold (F1 on {labelled})" in proc.stdout
