@@ -6,10 +6,12 @@ import dataclasses
 
 from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output
+from kdad.models.bsdrd import BSDRD
 from kdad.models.rd import RD
 
 MODELS: dict[str, type[KDModel]] = {
     "rd": RD,
+    "bsdrd": BSDRD,
 }
 
 
