@@ -7,10 +7,12 @@ import dataclasses
 from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output
 from kdad.models.bsdrd import BSDRD
+from kdad.models.iig_rd import IIGRD
 from kdad.models.rd import RD
 
 MODELS: dict[str, type[KDModel]] = {
     "rd": RD,
+    "iig_rd": IIGRD,
     "bsdrd": BSDRD,
 }
 
