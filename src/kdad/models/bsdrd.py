@@ -27,7 +27,7 @@ from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
 from kdad.models.base import Output
 from kdad.models.layers import GatedFusion, ScaleAttention, conv_bn_relu, haar_dwt, kaiming_init
-from kdad.models.rd import RD, anomaly_map, rd_loss
+from kdad.models.rd import RD, anomaly_map, decode, rd_loss
 
 BANDS = ("LL", "LH", "HL", "HH")
 
@@ -80,23 +80,15 @@ class BSDRD(RD):
             xs = [x * w[:, i] * len(xs) for i, x in enumerate(xs)]  # mean weight stays 1
         return torch.cat(xs, 1)
 
-    @staticmethod
-    def _decode(decoder: nn.ModuleList, x: Tensor) -> list[Tensor]:
-        out = []
-        for stage in decoder:
-            x = stage(x)
-            out.append(x)
-        return out[::-1]
-
     def students(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
         """Struct and detail students' features, shallowest first (detail None when off)."""
         fused = self._fused(feats)
-        struct = self._decode(self.decoder, self.ocbe(fused))
+        struct = decode(self.decoder, self.ocbe(fused))
         if not self.opt.detail:
             return struct, None
         bands = haar_dwt(fused)  # 4 x (B, n C_last, h/2, w/2)
         x = self.detail_in(torch.cat([bands[i] for i in self.band_index], 1))  # (B, 2C, h/2, w/2)
-        return struct, self._decode(self.detail_decoder, x)
+        return struct, decode(self.detail_decoder, x)
 
     def blend(self, struct: list[Tensor], detail: list[Tensor] | None) -> list[Tensor]:
         """The students' combined features per scale."""
@@ -127,6 +119,3 @@ class BSDRD(RD):
         else:
             total = parts["blend"]
         return {"loss": total, **parts}
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.models.base import Output
-from kdad.models.rd import RD, anomaly_map, rd_loss
+from kdad.models.rd import RD, anomaly_map, decode, rd_loss
 
 
 class IIGRD(RD):
@@ -73,11 +73,7 @@ class IIGRD(RD):
         with torch.no_grad():
             t = self.teacher(x)
         e, g = self.embed(t)
-        out, y = [], g
-        for stage in self.decoder:
-            y = stage(y)
-            out.append(y)
-        s = out[::-1]
+        s = decode(self.decoder, g)
         if self.training:
             return t, s, e, g
         amap = self.blur(anomaly_map(t, s, tuple(x.shape[-2:])))  # (B, H, W)
@@ -99,6 +95,3 @@ class IIGRD(RD):
             parts["inter"] = spread + overlap
             total = total + self.opt.inter * parts["inter"]
         return {"loss": total, **parts}
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]

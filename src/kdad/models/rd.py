@@ -118,11 +118,7 @@ class RD(KDModel):
         """Decoder features, shallowest first, matching the teacher's list."""
         fused = [f(x) for f, x in zip(self.fuse, feats)]  # each (B, C_last, h, w)
         x = self.ocbe(torch.cat([*fused, feats[-1]], 1))  # (B, 2 C_last, h/2, w/2)
-        out = []
-        for stage in self.decoder:
-            x = stage(x)
-            out.append(x)
-        return out[::-1]
+        return decode(self.decoder, x)
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]] | Output:
         """(B, 3, H, W) -> train: (teacher, student) features; eval: Output."""
@@ -142,15 +138,17 @@ class RD(KDModel):
         return {"loss": sum(parts.values()), **parts}
 
     def param_groups(self) -> list[dict]:
-        return [
-            {
-                "params": [
-                    *self.fuse.parameters(),
-                    *self.ocbe.parameters(),
-                    *self.decoder.parameters(),
-                ]
-            }
-        ]
+        """Everything but the frozen teacher, in one group."""
+        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]
+
+
+def decode(decoder: nn.ModuleList, x: Tensor) -> list[Tensor]:
+    """Run decoder stages from the embedding; their outputs, shallowest first."""
+    out = []
+    for stage in decoder:
+        x = stage(x)
+        out.append(x)
+    return out[::-1]
 
 
 def rd_loss(teacher: list[Tensor], student: list[Tensor]) -> list[Tensor]:
