@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
 
-from kdad.engine.calibrate import recalibrate
+from kdad.detector import recalibrate
 
 
 def main() -> None:

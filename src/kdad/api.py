@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from kdad.config import RunConfig, apply_overrides, load_config
-from kdad.data.dataset import ImageDataset
 from kdad.data.layouts import SPLITS, KdadWarning, detect_layout, find_samples
 from kdad.detector import Detector, Prediction
 from kdad.engine.evaluate import evaluate_model
@@ -65,10 +64,7 @@ def evaluate(
         layout = detect_layout(root)
     category = category if category is not None else d.category
     samples = find_samples(root, "test", layout, category, d.normal_dir, d.abnormal_dir, d.mask_dir)
-    ds = ImageDataset(
-        samples, d.image_size, det.mean.flatten().tolist(), det.std.flatten().tolist()
-    )
-    ev = evaluate_model(det.model, ds, batch_size)
+    ev = evaluate_model(det.model, det.dataset(samples), batch_size)
     paths = [str(s.path) for s in samples]
     if save_maps is not None:
         ev.save(save_maps, paths)

@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print(f"report: {build_report(args.source, args.out)}")
     elif args.verb == "calibrate":
-        from kdad.engine.calibrate import recalibrate
+        from kdad.detector import recalibrate
 
         cal = recalibrate(args.checkpoint, args.false_alarm_rate, args.pixel_quantile, args.device)
         print(json.dumps(cal, indent=2))

@@ -15,9 +15,9 @@ from kdad.backbones import get_spec
 from kdad.config import RunConfig
 from kdad.data.dataset import ImageDataset, preprocess
 from kdad.data.io import read_image
-from kdad.data.layouts import KdadWarning, collect_images, find_samples
-from kdad.engine.calibrate import f1_threshold, normalise
-from kdad.engine.checkpoint import load_checkpoint
+from kdad.data.layouts import KdadWarning, Sample, collect_images, find_samples
+from kdad.engine.calibrate import calibrate, f1_threshold, normalise
+from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import model_from_config, resolve_device
 from kdad.errors import KdadError
@@ -67,6 +67,15 @@ class Detector:
         model.load_state_dict(ckpt["model"])
         return cls(model.to(resolve_device(device)), cfg, ckpt)
 
+    def dataset(self, samples: list[Sample]) -> ImageDataset:
+        """``samples`` prepared as this model was trained: its image size and normalisation."""
+        return ImageDataset(
+            samples,
+            self.cfg.data.image_size,
+            self.mean.flatten().tolist(),
+            self.std.flatten().tolist(),
+        )
+
     def use_f1_threshold(self, data: str | Path, layout: str = "auto") -> float:
         """Set the image threshold to the F1-best one on a labelled validation folder given
         explicitly (never the test set: that is the caller's promise). Returns it."""
@@ -74,10 +83,7 @@ class Detector:
             raise KdadError("an F1 threshold needs a calibrated checkpoint (for normalisation)")
         d = self.cfg.data
         samples = find_samples(data, "test", layout, None, d.normal_dir, d.abnormal_dir, d.mask_dir)
-        ds = ImageDataset(
-            samples, d.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist()
-        )
-        ev = evaluate_model(self.model, ds)
+        ev = evaluate_model(self.model, self.dataset(samples))
         t = f1_threshold(ev.scores, ev.labels)
         low = min(self.calibration["image_low"], t - 1e-6)
         self.calibration = {
@@ -165,6 +171,31 @@ class Detector:
         finally:
             writer.close()
         return out / "predictions.csv"
+
+
+def recalibrate(
+    checkpoint: str | Path,
+    false_alarm_rate: float | None = None,
+    pixel_quantile: float | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Compute a checkpoint's calibration again from its own held-out good images (a new target
+    rate, or a checkpoint saved without one) and write it into the file atomically."""
+    with warnings.catch_warnings():  # a missing calibration is what we are here to fix
+        warnings.simplefilter("ignore", KdadWarning)
+        det = Detector.load(checkpoint, device)
+    state = dict(det.checkpoint)
+    path = Path(state.pop("path"))
+    if not state.get("holdout"):
+        raise KdadError(f"{path}: no held-out good images recorded; retrain with --holdout > 0")
+    c = det.cfg.calibration
+    c.false_alarm_rate = false_alarm_rate or c.false_alarm_rate
+    c.pixel_quantile = pixel_quantile or c.pixel_quantile
+    ev = evaluate_model(det.model, det.dataset([Sample(Path(p), 0) for p in state["holdout"]]))
+    state["calibration"] = calibrate(ev.scores, ev.maps, c.false_alarm_rate, c.pixel_quantile)
+    state["config"] = det.cfg.to_dict()
+    save_checkpoint(path, state)
+    return state["calibration"]
 
 
 def _try_read(path: Path) -> np.ndarray | str:

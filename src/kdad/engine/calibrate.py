@@ -9,7 +9,6 @@ its normalised score is >= 0.5, a pixel when its normalised map value is.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,40 +59,3 @@ def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     p, r, t = precision_recall_curve(labels, scores)
     f1 = 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12)
     return float(t[int(np.argmax(f1))])
-
-
-def recalibrate(
-    checkpoint: str | Path,
-    false_alarm_rate: float | None = None,
-    pixel_quantile: float | None = None,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Compute a checkpoint's calibration again from its own held-out good images (a new target
-    rate, or a checkpoint saved without one) and write it into the file atomically."""
-    from kdad.backbones import get_spec
-    from kdad.config import RunConfig
-    from kdad.data.dataset import ImageDataset
-    from kdad.data.layouts import Sample
-    from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
-    from kdad.engine.evaluate import evaluate_model
-    from kdad.engine.fit import model_from_config, resolve_device
-
-    state = load_checkpoint(checkpoint)
-    path = Path(state.pop("path"))
-    if not state.get("holdout"):
-        raise KdadError(f"{path}: no held-out good images recorded; retrain with --holdout > 0")
-    cfg = RunConfig.from_dict(state["config"], str(path))
-    c = cfg.calibration
-    c.false_alarm_rate = false_alarm_rate or c.false_alarm_rate
-    c.pixel_quantile = pixel_quantile or c.pixel_quantile
-    model = model_from_config(cfg, pretrained=False)
-    model.load_state_dict(state["model"])
-    spec = get_spec(cfg.model.backbone)
-    ds = ImageDataset(
-        [Sample(Path(p), 0) for p in state["holdout"]], cfg.data.image_size, spec.mean, spec.std
-    )
-    ev = evaluate_model(model.to(resolve_device(device)), ds)
-    state["calibration"] = calibrate(ev.scores, ev.maps, c.false_alarm_rate, c.pixel_quantile)
-    state["config"] = cfg.to_dict()
-    save_checkpoint(path, state)
-    return state["calibration"]
