@@ -98,3 +98,25 @@ def test_every_backbone_declares_default_stages() -> None:
     for name, spec in BACKBONES.items():
         stages = spec.build().stages
         assert set(spec.default_stages) <= set(stages), name
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_split_pieces_chain_to_the_stage_features(name: str) -> None:
+    """A student built from a backbone's pieces computes exactly its stage features, and holds
+    nothing past the last stage (no classifier)."""
+    torch.manual_seed(0)
+    net = build_backbone(name, pretrained=False).eval()
+    names = list(get_spec(name).default_stages)
+    x = torch.randn(2, 3, 64, 64)
+    pieces = net.split(names)
+    assert len(pieces) == len(names)
+    outs, y = [], x
+    with torch.no_grad():
+        for piece in pieces:
+            y = piece(y)
+            outs.append(y)
+        for a, b in zip(outs, net.features(x, names)):
+            assert torch.equal(a, b)
+    kept = {id(p) for piece in pieces for p in piece.parameters()}
+    head = net._fc if hasattr(net, "_fc") else net.fc
+    assert not kept & {id(p) for p in head.parameters()}

@@ -1,4 +1,4 @@
-"""BSDRD: the Haar transform, the attention and gate blocks, and every switch of the model."""
+"""BSDRD: the Haar transform, the gate, and every switch of the model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from kdad.errors import KdadError
 from kdad.models import build_model
-from kdad.models.layers import GatedFusion, ScaleAttention, haar_dwt
+from kdad.models.layers import GatedFusion, haar_dwt
 
 
 def test_haar_is_orthonormal_and_matches_its_formula() -> None:
@@ -20,13 +20,6 @@ def test_haar_is_orthonormal_and_matches_its_formula() -> None:
     assert haar_dwt(torch.randn(1, 1, 7, 5))[0].shape == (1, 1, 4, 3)  # odd sizes padded
     z = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: haar_dwt(v)[3], (z,))
-
-
-def test_scale_attention_weights_sum_to_one() -> None:
-    att = ScaleAttention(16, 3)
-    w = att([torch.randn(2, 16, 4, 4) for _ in range(3)])
-    assert w.shape == (2, 3, 16, 1, 1)
-    assert torch.allclose(w.sum(1), torch.ones(2, 16, 1, 1))
 
 
 def test_gated_fusion_starts_as_the_average() -> None:

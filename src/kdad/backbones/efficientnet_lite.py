@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.errors import KdadError
+
 # Base (Lite0) stages: kernel, stride, expand ratio, in channels, out channels, repeats.
 _BASE_STAGES = (
     (3, 1, 1, 32, 16, 1),
@@ -125,6 +127,22 @@ class EfficientNetLite(nn.Module):
                 if len(out) == len(ends):
                     break
         return [out[n] for n in names]
+
+    def split(self, names: list[str]) -> list[nn.Module]:
+        """The network cut after each named stage (shallow to deep): running the pieces one after
+        another gives those stages' outputs; the layers after the last one are left out."""
+        ends = [self.stage_ends[int(n.removeprefix("stage")) - 1] for n in names]
+        if ends != sorted(set(ends)):
+            raise KdadError(f"split needs distinct stages from shallow to deep, got {names}")
+        pieces: list[nn.Module] = []
+        start = 0
+        for end in ends:
+            blocks = list(self._blocks[start : end + 1])
+            if not pieces:
+                blocks = [self._conv_stem, self._bn0, nn.ReLU6(), *blocks]
+            pieces.append(nn.Sequential(*blocks))
+            start = end + 1
+        return pieces
 
     def forward(self, x: Tensor) -> Tensor:
         """ImageNet logits (B, 1000)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kdad.errors import KdadError
+
 
 def _conv3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
@@ -139,6 +141,22 @@ class ResNet(nn.Module):
                 if len(out) == len(names):
                     break
         return [out[n] for n in names]
+
+    def split(self, names: list[str]) -> list[nn.Module]:
+        """The network cut after each named layer (shallow to deep): running the pieces one after
+        another gives those layers' outputs; the layers after the last one are left out."""
+        ends = [int(n.removeprefix("layer")) for n in names]
+        if ends != sorted(set(ends)):
+            raise KdadError(f"split needs distinct stages from shallow to deep, got {names}")
+        pieces: list[nn.Module] = []
+        start = 1
+        for end in ends:
+            layers = [getattr(self, f"layer{i}") for i in range(start, end + 1)]
+            if not pieces:
+                layers = [self.conv1, self.bn1, self.relu, self.maxpool, *layers]
+            pieces.append(nn.Sequential(*layers))
+            start = end + 1
+        return pieces
 
     def forward(self, x: Tensor) -> Tensor:
         """ImageNet logits (B, 1000)."""

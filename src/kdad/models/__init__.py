@@ -9,11 +9,15 @@ from kdad.models.base import KDModel, Output
 from kdad.models.bsdrd import BSDRD
 from kdad.models.iig_rd import IIGRD
 from kdad.models.rd import RD
+from kdad.models.sspcab_kd import SSPCABKD
+from kdad.models.stu_seg import STUSeg
 
 MODELS: dict[str, type[KDModel]] = {
     "rd": RD,
     "iig_rd": IIGRD,
     "bsdrd": BSDRD,
+    "stu_seg": STUSeg,
+    "sspcab_kd": SSPCABKD,
 }
 
 

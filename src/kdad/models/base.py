@@ -29,5 +29,5 @@ class KDModel(nn.Module):
         raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Optimiser parameter groups: the trainable parts only, the teacher stays frozen."""
-        raise NotImplementedError
+        """Optimiser parameter groups: everything but the frozen ``teacher``, in one group."""
+        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]

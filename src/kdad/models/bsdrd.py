@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
 from kdad.models.base import Output
-from kdad.models.layers import GatedFusion, ScaleAttention, conv_bn_relu, haar_dwt, kaiming_init
+from kdad.models.layers import GatedFusion, SelectiveFusion, conv_bn_relu, haar_dwt, kaiming_init
 from kdad.models.rd import RD, anomaly_map, decode, rd_loss
 
 BANDS = ("LL", "LH", "HL", "HH")
@@ -56,7 +56,7 @@ class BSDRD(RD):
         self.opt = opt
         ch = self.teacher.channels
         n, c_last, c_emb = len(ch), ch[-1], 2 * ch[-1]
-        self.scale_attention = ScaleAttention(c_last, n) if opt.dynamic_fusion else None
+        self.scale_attention = SelectiveFusion(c_last, n) if opt.dynamic_fusion else None
         if opt.detail:
             bad = set(opt.bands) - set(BANDS)
             if bad or not opt.bands:
@@ -76,7 +76,7 @@ class BSDRD(RD):
         """Multi-scale features at the deepest scale, weighted per scale: (B, n C_last, h, w)."""
         xs = [f(x) for f, x in zip(self.fuse, feats)] + [feats[-1]]  # each (B, C_last, h, w)
         if self.scale_attention is not None:
-            w = self.scale_attention(xs)  # (B, n, C_last, 1, 1), sums to 1 over n
+            w = self.scale_attention.weights(xs)  # (B, n, C_last, 1, 1), sums to 1 over n
             xs = [x * w[:, i] * len(xs) for i, x in enumerate(xs)]  # mean weight stays 1
         return torch.cat(xs, 1)
 

@@ -77,9 +77,10 @@ def haar_dwt(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (a + b + c + d) / 2, (a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2
 
 
-class ScaleAttention(nn.Module):
-    """Selective-kernel attention over n same-shaped inputs: from the global context of their
-    sum, per-channel weights for each input that sum to one over the inputs."""
+class SelectiveFusion(nn.Module):
+    """Selective-kernel fusion of n same-shaped inputs (Li et al., CVPR 2019, over feature
+    levels instead of kernels): from the global context of their sum, per-channel weights for
+    each input that sum to one over the inputs; the output is the weighted sum."""
 
     def __init__(self, channels: int, n: int, reduction: int = 4) -> None:
         super().__init__()
@@ -88,11 +89,16 @@ class ScaleAttention(nn.Module):
         self.heads = nn.Linear(hidden, channels * n)
         self.n = n
 
-    def forward(self, xs: list[Tensor]) -> Tensor:
+    def weights(self, xs: list[Tensor]) -> Tensor:
         """(B, C, h, w) x n -> weights (B, n, C, 1, 1), softmax over n."""
         z = self.squeeze(torch.stack(xs).sum(0).mean((2, 3)))  # (B, hidden)
         w = self.heads(z).view(z.shape[0], self.n, -1)  # (B, n, C)
         return w.softmax(1)[..., None, None]
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        """(B, C, h, w) x n -> their weighted sum (B, C, h, w)."""
+        w = self.weights(xs)
+        return sum(w[:, i] * x for i, x in enumerate(xs))
 
 
 class GatedFusion(nn.Module):
@@ -111,3 +117,67 @@ class GatedFusion(nn.Module):
         z = torch.cat([a, b], 1)  # (B, 2C, h, w)
         g = torch.sigmoid(self.channel(z.mean((2, 3), keepdim=True)) + self.spatial(z))
         return g * a + (1 - g) * b
+
+
+class SSPCAB(nn.Module):
+    """Self-supervised predictive convolutional attentive block (Ristea et al., CVPR 2022).
+
+    A masked convolution predicts each position from four k x k corner kernels at distance
+    ``dilation`` + k from it, never from the (2 dilation + 1)^2 square around it; ReLU;
+    squeeze-and-excitation channel attention (reduction 8). ``loss`` is the block's own
+    reconstruction error, the mean squared difference between its output and its input.
+    """
+
+    def __init__(self, channels: int, kernel: int = 1, dilation: int = 1, reduction: int = 8):
+        super().__init__()
+        self.pad = kernel + dilation
+        self.border = kernel + 2 * dilation + 1
+        self.corners = nn.ModuleList(nn.Conv2d(channels, channels, kernel) for _ in range(4))
+        hidden = max(channels // reduction, 1)
+        self.attention = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
+
+    def predict(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> each position predicted from its masked context, (B, C, H, W)."""
+        p, b = self.pad, self.border
+        xp = F.pad(x, (p, p, p, p))
+        views = (
+            xp[..., :-b, :-b],  # top-left corner
+            xp[..., b:, :-b],  # bottom-left
+            xp[..., :-b, b:],  # top-right
+            xp[..., b:, b:],  # bottom-right
+        )
+        return F.relu(sum(conv(v) for conv, v in zip(self.corners, views)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.predict(x)  # (B, C, H, W)
+        gate = torch.sigmoid(self.attention(z.mean((2, 3))))  # (B, C)
+        return z * gate[..., None, None]
+
+    @staticmethod
+    def loss(out: Tensor, x: Tensor) -> Tensor:
+        """The self-supervised reconstruction error of the block."""
+        return F.mse_loss(out, x)
+
+
+class SimAM(nn.Module):
+    """Parameter-free attention (Yang et al., ICML 2021): each activation t is weighted by
+    sigmoid(1 / e*), with e* = 4 (var + lam) / ((t - mean)^2 + 2 var + 2 lam) its minimal
+    energy, mean and var over its channel's n = H W positions (var divided by n - 1)."""
+
+    def __init__(self, lam: float = 1e-4) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[-2] * x.shape[-1] - 1
+        d = (x - x.mean((2, 3), keepdim=True)) ** 2  # (B, C, H, W)
+        var = d.sum((2, 3), keepdim=True) / max(n, 1)
+        return x * torch.sigmoid(d / (4 * (var + self.lam)) + 0.5)
+
+
+def pixel_cosine_loss(t: Tensor, s: Tensor) -> Tensor:
+    """Mean over positions of 1 - cos over channels of (B, C, h, w) features (STPM's per-pixel
+    loss on L2-normalised features, 0.5 ||t/|t| - s/|s| ||^2, written as a cosine)."""
+    return (1 - F.cosine_similarity(t, s, dim=1)).mean()

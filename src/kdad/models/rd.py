@@ -137,10 +137,6 @@ class RD(KDModel):
         parts = {f"cos{i}": v for i, v in enumerate(rd_loss(*out))}
         return {"loss": sum(parts.values()), **parts}
 
-    def param_groups(self) -> list[dict]:
-        """Everything but the frozen teacher, in one group."""
-        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]
-
 
 def decode(decoder: nn.ModuleList, x: Tensor) -> list[Tensor]:
     """Run decoder stages from the embedding; their outputs, shallowest first."""

@@ -1,0 +1,96 @@
+"""SSPCAB+SimAM KD: a teacher-student whose student carries a self-supervised predictive
+convolutional attentive block and parameter-free SimAM attention (Zhou, Sui, Zhang, Wang,
+"Industrial product surface defect detection based on self supervised convolution and parameter
+free attention mechanism", Journal of Shandong University (Engineering Science) 2025,
+55(4):40-47). Only the abstract is public; docs/models.md says which sentence each part comes
+from and what was chosen where it is silent.
+
+- "Knowledge distillation from a teacher to a student network": STPM's scheme (the abstract
+  names no other): the student has the teacher's architecture up to its deepest feature stage,
+  randomly initialised, sees the image, and must match the frozen teacher's features at each
+  scale; per-pixel 1 - cos loss, summed over scales.
+- "A parameter-free attention mechanism (SimAM)": after each student stage, inside the flow, so
+  later stages see the re-weighted features.
+- "A self-supervised predictive convolutional attentive block (SSPCAB)": on the student's
+  deepest feature, whose every position is then predicted from its context only; its own
+  reconstruction loss (MSE to its input) is added with weight ``sspcab_weight`` (0.1, as in the
+  SSPCAB paper's experiments).
+- Map and score as RD: per-pixel 1 - cos summed over scales, Gaussian-smoothed; score its max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kdad.backbones import build_backbone
+from kdad.models.base import KDModel, Output
+from kdad.models.layers import SSPCAB, GaussianBlur, SimAM, pixel_cosine_loss
+from kdad.models.rd import Teacher, anomaly_map
+
+
+class SSPCABKD(KDModel):
+    """Frozen teacher; a student of the same architecture with SimAM and SSPCAB inside."""
+
+    score_rule = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
+
+    @dataclass
+    class Options:
+        sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels
+        sspcab: bool = True  # SSPCAB on the deepest student feature
+        simam: bool = True  # SimAM after each student stage
+        sspcab_weight: float = 0.1  # weight of SSPCAB's reconstruction loss
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        stages: list[str] | None = None,
+        pretrained: bool = True,
+        weights: str | None = None,
+        options: SSPCABKD.Options | None = None,
+    ) -> None:
+        super().__init__()
+        opt = options or SSPCABKD.Options()
+        self.opt = opt
+        self.teacher = Teacher(backbone, stages, pretrained, weights)
+        net = build_backbone(backbone, pretrained=False)
+        self.student = nn.ModuleList(net.split(self.teacher.stages))
+        for m in self.student.modules():  # trained from scratch: torch's default BN momentum
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+        self.simam = SimAM() if opt.simam else None
+        self.sspcab = SSPCAB(self.teacher.channels[-1]) if opt.sspcab else None
+        self.blur = GaussianBlur(opt.sigma)
+
+    def students(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(B, 3, H, W) -> (student features per teacher stage, the deepest before SSPCAB)."""
+        feats = []
+        for piece in self.student:
+            x = piece(x)
+            if self.simam is not None:
+                x = self.simam(x)
+            feats.append(x)
+        if self.sspcab is not None:
+            feats[-1] = self.sspcab(x)
+        return feats, x
+
+    def forward(self, x: Tensor):
+        """(B, 3, H, W) -> train: (teacher, student, deepest before SSPCAB); eval: Output."""
+        with torch.no_grad():
+            t = self.teacher(x)
+        s, pre = self.students(x)
+        if self.training:
+            return t, s, pre
+        amap = self.blur(anomaly_map(t, s, tuple(x.shape[-2:])))  # (B, H, W)
+        return Output(amap, amap.flatten(1).amax(1))
+
+    def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
+        t, s, pre = out
+        parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, s))}
+        total = sum(parts.values())
+        if self.sspcab is not None:
+            parts["sspcab"] = SSPCAB.loss(s[-1], pre)
+            total = total + self.opt.sspcab_weight * parts["sspcab"]
+        return {"loss": total, **parts}
