@@ -24,14 +24,16 @@ def _grid(tmp_path: Path) -> Path:
         "train: {epochs: 1, batch_size: 4, image_size: 32, val_every: 1}\n"
         f"datasets:\n  - {{name: A, path: {a}}}\n  - {{name: B, path: {b}, layout: folder}}\n"
         "models:\n  - {name: rd-lite0, model: rd, backbone: efficientnet_lite0}\n"
+        "  - {name: iig, model: iig_rd, options: {prototypes: 4}}\n"
     )
     return grid
 
 
 def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
     grid = _grid(tmp_path)
-    assert main(["bench", str(grid), "--no-progress"]) == 0
+    assert main(["bench", str(grid), "--no-progress", "--models", "rd-lite0"]) == 0
     out = tmp_path / "runs"
+    assert not (out / "iig").exists()  # only the rows asked for ran
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["data"], r["seeds"]) for r in rows] == [
@@ -53,9 +55,22 @@ def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
     redo = out / "rd-lite0" / "B" / "seed1"
     (redo / "metrics.json").unlink()
-    assert main(["bench", str(grid), "--no-progress"]) == 0
+    assert main(["bench", str(grid), "--no-progress", "--models", "rd-lite0"]) == 0
     changed = [p for p in out.rglob("checkpoint.pt") if p.stat().st_mtime_ns != stamps[p]]
     assert changed == [] and (redo / "metrics.json").is_file()  # finished run: evaluated only
+
+    # The whole grid: the other row runs, the first stays in the tables.
+    assert main(["bench", str(grid), "--no-progress"]) == 0
+    with open(out / "results.csv", newline="") as f:
+        assert [(r["model"], r["data"]) for r in csv.DictReader(f)] == [
+            ("rd-lite0", "A"),
+            ("rd-lite0", "B"),
+            ("iig", "A"),
+            ("iig", "B"),
+        ]
+    capsys.readouterr()
+    assert main(["bench", str(grid), "--models", "nope"]) == 2
+    assert "no model 'nope' in the grid" in capsys.readouterr().err
 
 
 def test_bad_grid_files(tmp_path: Path) -> None:

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
     b.add_argument("grid", help="grid YAML (see kdad.grid)")
+    b.add_argument("--models", nargs="+", help="run only these models of the grid (by name)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -142,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "bench":
         from kdad.grid import run_grid
 
-        md, csv_path = run_grid(args.grid, progress=not args.no_progress)
+        md, csv_path = run_grid(args.grid, not args.no_progress, args.models)
         print(md.read_text())
         print(f"tables: {md}, {csv_path}")
     return 0

@@ -2,7 +2,8 @@
 summarised as a Markdown table and a CSV with mean +- std over seeds.
 
 A finished run (its metrics.json exists) is never redone, and an interrupted one resumes from
-its last epoch: running the same grid again completes it.
+its last epoch: running the same grid again completes it. ``--models`` runs only some rows
+first; the tables always hold every finished run, with the number of seeds each row averages.
 
     out: runs/grid
     seeds: [0, 1, 2]
@@ -212,12 +213,24 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     return md, path
 
 
-def run_grid(path: str | Path, progress: bool = True) -> tuple[Path, Path]:
-    """Run every job of the grid not yet finished, then write its tables."""
+def run_grid(
+    path: str | Path, progress: bool = True, models: list[str] | None = None
+) -> tuple[Path, Path]:
+    """Run every job of the grid not yet finished (only those of ``models``, by name, when
+    given), then tabulate every finished run of the grid, whichever call ran it."""
     grid = load_grid(path)
+    names = [m["name"] for m in grid.models]
+    unknown = sorted(set(models or []) - set(names))
+    if unknown:
+        raise KdadError(f"{path}: no model {unknown[0]!r} in the grid; models: {', '.join(names)}")
     results = {}
     for i, job in enumerate(grid.jobs):
         model, data = job.row
+        if models and job.model["name"] not in models:
+            done = job.out / "metrics.json"
+            if done.is_file():
+                results[i] = json.loads(done.read_text())
+            continue
         if progress:
             print(f"[{i + 1}/{len(grid.jobs)}] {model} on {data}, seed {job.seed}: {job.out}")
         results[i] = run_job(job, grid.train, progress)
