@@ -7,6 +7,9 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from kdad.errors import KdadError
 
@@ -28,6 +31,17 @@ def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--category", help="MVTec category, when --data is the dataset root")
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value read as YAML: numbers, booleans, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: value is not valid YAML") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdad", description="Defect detection by knowledge distillation."
@@ -40,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", help="teacher (default efficientnet_lite0)")
     t.add_argument("--stages", nargs="+", help="teacher stages feeding distillation")
     t.add_argument("--weights", help="local teacher weight file")
+    t.add_argument(
+        "--option",
+        action="append",
+        dest="options",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a model option (see docs/models.md), YAML value; repeatable",
+    )
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--image-size", type=int)
@@ -92,6 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pixel-quantile", type=float, help="quantile of good pixels")
     c.add_argument("--device", default="auto")
 
+    sy = sub.add_parser("synth", help="a DDPM of good images that paints synthetic defects")
+    syv = sy.add_subparsers(dest="synth_verb", required=True)
+    st = syv.add_parser("train", help="train the DDPM on a dataset's good training images")
+    _data_args(st, required=True)
+    st.add_argument("--out", default="runs/ddpm", help="run folder (gets ddpm.pt)")
+    st.add_argument("--image-size", type=int, default=64, help="DDPM resolution (64)")
+    st.add_argument("--steps", type=int, default=4000, help="optimiser steps (4000)")
+    st.add_argument("--batch-size", type=int, default=16)
+    st.add_argument("--lr", type=float, default=2e-4)
+    st.add_argument("--width", type=int, default=32, help="U-Net width (32)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--device", default="auto")
+    st.add_argument("--no-progress", action="store_true")
+    ss = syv.add_parser("sample", help="paint defects into an MVTec-layout folder")
+    ss.add_argument("--model", required=True, help="DDPM run folder or ddpm.pt")
+    ss.add_argument("--out", required=True, help="folder for images, masks, synthetic.csv")
+    ss.add_argument("--count", type=int, default=200)
+    ss.add_argument("--data", help="dataset (default: the one the DDPM learned)")
+    ss.add_argument("--strength", type=float, default=0.5, help="diffusion depth, 0-1 (0.5)")
+    ss.add_argument("--sigma", type=float, default=0.5, help="perturbation std (0.5)")
+    ss.add_argument("--steps", type=int, default=25, help="denoising steps (25)")
+    ss.add_argument("--seed", type=int, default=0)
+    ss.add_argument("--no-progress", action="store_true")
+
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
     b.add_argument("grid", help="grid YAML (see kdad.grid)")
     b.add_argument("--models", nargs="+", help="run only these models of the grid (by name)")
@@ -105,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.verb == "train":
         overrides = {k: getattr(args, k) for k in OVERRIDES}  # every flag maps to a field
+        overrides["options"] = dict(args.options) if args.options else None
         ckpt = kdad.train(
             config=args.config, resume=args.resume, progress=not args.no_progress, **overrides
         )
@@ -140,6 +187,38 @@ def _run(args: argparse.Namespace) -> int:
 
         cal = recalibrate(args.checkpoint, args.false_alarm_rate, args.pixel_quantile, args.device)
         print(json.dumps(cal, indent=2))
+    elif args.verb == "synth" and args.synth_verb == "train":
+        from kdad.config import DataConfig
+        from kdad.engine.diffusion import DiffusionConfig, train_ddpm
+        from kdad.models.ddpm import DDPMOptions
+
+        cfg = DiffusionConfig(
+            DataConfig(path=args.data, layout=args.layout or "auto", category=args.category),
+            DDPMOptions(image_size=args.image_size, width=args.width, channels=0),
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.seed,
+            args.device,
+            args.out,
+        )
+        print(f"ddpm: {train_ddpm(cfg, progress=not args.no_progress)}")
+    elif args.verb == "synth":
+        from kdad.engine.diffusion import sample_defects
+        from kdad.report import synthetic_gallery
+
+        out = sample_defects(
+            args.model,
+            args.out,
+            args.count,
+            args.data,
+            args.strength,
+            args.sigma,
+            args.steps,
+            args.seed,
+            progress=not args.no_progress,
+        )
+        print(f"defects: {out / 'synthetic.csv'}\ngallery: {synthetic_gallery(out)}")
     elif args.verb == "bench":
         from kdad.grid import run_grid
 

@@ -137,6 +137,7 @@ OVERRIDES = {
     "backbone": "model.backbone",
     "stages": "model.stages",
     "weights": "model.weights",
+    "options": "model.options",
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
     "lr": "train.lr",
@@ -151,7 +152,8 @@ OVERRIDES = {
 
 
 def apply_overrides(cfg: RunConfig, **values: Any) -> RunConfig:
-    """Set the fields named by OVERRIDES; None values are left alone."""
+    """Set the fields named by OVERRIDES; None values are left alone; ``options`` (a dict) is
+    merged into the model's options."""
     for key, value in values.items():
         if key not in OVERRIDES:
             raise KdadError(f"unknown setting {key!r}; known: {', '.join(OVERRIDES)}")
@@ -161,5 +163,8 @@ def apply_overrides(cfg: RunConfig, **values: Any) -> RunConfig:
         obj = cfg
         for p in parents:
             obj = getattr(obj, p)
-        setattr(obj, leaf, str(value) if key in ("data", "out", "weights") else value)
+        if key == "options":
+            cfg.model.options = {**cfg.model.options, **value}
+        else:
+            setattr(obj, leaf, str(value) if key in ("data", "out", "weights") else value)
     return cfg

@@ -89,7 +89,7 @@ def load_grid(path: str | Path) -> Grid:
     train = d.get("train") or {}
     bad = set(train) - (
         set(OVERRIDES)
-        - {"data", "layout", "category", "out", "seed", "model", "backbone", "stages"}
+        - {"data", "layout", "category", "out", "seed", "model", "backbone", "stages", "options"}
     )
     if bad:
         raise KdadError(f"{path}: train has unknown or per-run key {sorted(bad)[0]!r}")

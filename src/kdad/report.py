@@ -9,6 +9,7 @@ no labels): the score distribution and the highest-scoring images.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -220,3 +221,29 @@ def build_report(source: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out) if out else default
     path.write_text(page)
     return path
+
+
+def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Path:
+    """``folder``/gallery.html from a `kdad synth sample` folder: each of the first ``top``
+    defects beside its clean source and its mask."""
+    folder = Path(folder)
+    with open(folder / "synthetic.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:top]
+
+    def thumb(path: Path) -> str:
+        im = Image.open(path)
+        im.thumbnail((width, width))
+        return _png(im)
+
+    figures = [
+        "<div>"
+        + _img(thumb(Path(r["source"])), "source", f"source {Path(r['source']).name}", "thumb")
+        + _img(thumb(folder / r["image"]), "synthetic defect", r["image"], "thumb")
+        + _img(thumb(folder / r["mask"]), "mask", "its mask", "thumb")
+        + "</div>"
+        for r in rows
+    ]
+    intro = f"<p>The first {len(rows)} synthetic defects of {html.escape(str(folder))}.</p>"
+    out = folder / "gallery.html"
+    out.write_text(_page("kdad synthetic defects", intro + "".join(figures)))
+    return out

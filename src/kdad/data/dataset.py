@@ -1,7 +1,11 @@
 """Torch datasets: read, resize to a square, normalise with the teacher's statistics; a
-validation set of held-out good images with synthetic defects."""
+validation set of held-out good images with synthetic defects; a training set with synthetic
+defects for the models that learn from them."""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,3 +108,73 @@ class SyntheticValidationSet(ImageDataset):
             "label": torch.tensor(int(i >= n)),
             "index": torch.tensor(i),
         }
+
+
+class SyntheticTrainSet(ImageDataset):
+    """Good training images for models that learn from synthetic defects: each item is the
+    image with a defect (probability ``defect_prob``) or as it is, its clean version and the
+    defect's mask. Defects are Perlin ones drawn afresh each epoch, or, given ``bank`` (triples
+    of defective image, mask and clean source from `kdad synth sample`), drawn from the bank.
+    Everything is fixed by (seed, epoch, index): resuming replays the same defects."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        seed: int = 0,
+        defect_prob: float = 0.5,
+        bank: list[tuple[Path, Path, Path]] | None = None,
+    ) -> None:
+        super().__init__(samples, image_size, mean, std)
+        self.seed, self.defect_prob, self.bank, self.epoch = seed, defect_prob, bank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, path: Path) -> Tensor:
+        return resize_image(torch.from_numpy(read_image(path)).permute(2, 0, 1), self.size)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        clean = self._load(self.samples[i].path)  # (3, S, S)
+        x, mask = clean, torch.zeros(self.size, self.size)
+        if rng.random() < self.defect_prob:
+            if self.bank:
+                image, mask_path, source = self.bank[rng.integers(len(self.bank))]
+                x, clean = self._load(image), self._load(source)
+                m = torch.from_numpy(read_mask(mask_path)).float()[None, None]
+                mask = (F.interpolate(m, size=(self.size, self.size), mode="bilinear") > 0.5)[0, 0]
+            else:
+                img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng)
+                x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m)
+        return {
+            "image": (x - self.mean) / self.std,
+            "clean": (clean - self.mean) / self.std,
+            "mask": mask.float(),
+            "label": torch.tensor(int(bool(mask.any()))),
+            "index": torch.tensor(i),
+        }
+
+
+def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, Path]]:
+    """The (image, mask, source) triples listed in ``folder``/synthetic.csv whose source is one
+    of ``keep`` (images held out of fitting never enter training through their copies)."""
+    folder = Path(folder)
+    index = folder / "synthetic.csv"
+    if not index.is_file():
+        raise KdadError(f"{folder}: no synthetic.csv here; write one with `kdad synth sample`")
+    allowed = {s.path.resolve() for s in keep}
+    with open(index, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"image", "mask", "source"} <= set(rows[0]):
+        raise KdadError(f"{index}: needs columns image, mask, source")
+    bank = [
+        (folder / r["image"], folder / r["mask"], Path(r["source"]))
+        for r in rows
+        if Path(r["source"]).resolve() in allowed
+    ]
+    if not bank:
+        raise KdadError(f"{index}: none of its {len(rows)} defects comes from a training image")
+    return bank

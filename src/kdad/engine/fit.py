@@ -11,15 +11,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdad.backbones import get_spec
-from kdad.config import RunConfig, save_config
-from kdad.data.dataset import ImageDataset, SyntheticValidationSet
-from kdad.data.layouts import find_samples, split_holdout
+from kdad.config import DataConfig, RunConfig, save_config
+from kdad.data.dataset import ImageDataset, SyntheticTrainSet, SyntheticValidationSet, read_bank
+from kdad.data.layouts import Sample, find_samples, split_holdout
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.evaluate import evaluate_model
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
-from kdad.models import KDModel, build_model
+from kdad.models import MODELS, KDModel, build_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,16 +41,29 @@ def model_from_config(cfg: RunConfig, pretrained: bool = True) -> KDModel:
     return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
 
 
+def training_samples(d: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    """The good training images: (those a model fits on, those held out to calibrate)."""
+    samples = find_samples(
+        d.path, "train", d.layout, d.category, d.normal_dir, d.abnormal_dir, d.mask_dir
+    )
+    return split_holdout(samples, d.holdout)
+
+
 def datasets(cfg: RunConfig) -> tuple[ImageDataset, SyntheticValidationSet | None]:
     """The good training images of ``cfg.data`` to fit, and the validation set made from the
     held-out fraction (``data.holdout``) with synthetic defects; None when nothing is held out."""
     d = cfg.data
-    samples = find_samples(
-        d.path, "train", d.layout, d.category, d.normal_dir, d.abnormal_dir, d.mask_dir
-    )
-    fit_samples, held = split_holdout(samples, d.holdout)
+    fit_samples, held = training_samples(d)
     spec = get_spec(cfg.model.backbone)
-    train = ImageDataset(fit_samples, d.image_size, spec.mean, spec.std)
+    cls = MODELS.get(cfg.model.name)
+    if cls is not None and cls.needs_synthetic:
+        opt = cls.Options(**cfg.model.options)
+        bank = read_bank(opt.ddpm_samples, fit_samples) if opt.defects == "ddpm" else None
+        train = SyntheticTrainSet(
+            fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, opt.defect_prob, bank
+        )
+    else:
+        train = ImageDataset(fit_samples, d.image_size, spec.mean, spec.std)
     val = SyntheticValidationSet(held, d.image_size, spec.mean, spec.std) if held else None
     return train, val
 
@@ -135,6 +148,9 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         dynamic_ncols=True,
     )
     for epoch in range(start, t.epochs):
+        model.start_epoch(epoch, t.epochs)
+        if isinstance(ds, SyntheticTrainSet):
+            ds.set_epoch(epoch)
         model.train()
         tic, total, n = time.perf_counter(), 0.0, 0
         for batch in _loader(ds, cfg, epoch):

@@ -7,6 +7,7 @@ import dataclasses
 from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output
 from kdad.models.bsdrd import BSDRD
+from kdad.models.dest_ddpm import DeSTDDPM
 from kdad.models.iig_rd import IIGRD
 from kdad.models.rd import RD
 from kdad.models.sspcab_kd import SSPCABKD
@@ -18,6 +19,7 @@ MODELS: dict[str, type[KDModel]] = {
     "bsdrd": BSDRD,
     "stu_seg": STUSeg,
     "sspcab_kd": SSPCABKD,
+    "dest_ddpm": DeSTDDPM,
 }
 
 

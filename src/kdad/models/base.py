@@ -28,6 +28,9 @@ class KDModel(nn.Module):
         """``{"loss": total, **named parts to log}`` for a training batch."""
         raise NotImplementedError
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before each epoch (0-based): for phased training."""
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: everything but the frozen ``teacher``, in one group."""
         return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]

@@ -181,3 +181,29 @@ def pixel_cosine_loss(t: Tensor, s: Tensor) -> Tensor:
     """Mean over positions of 1 - cos over channels of (B, C, h, w) features (STPM's per-pixel
     loss on L2-normalised features, 0.5 ||t/|t| - s/|s| ||^2, written as a cosine)."""
     return (1 - F.cosine_similarity(t, s, dim=1)).mean()
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabv3): a 1x1 conv, three dilated 3x3 convs and
+    image pooling side by side, concatenated and projected by a 1x1 conv; each conv-BN-ReLU."""
+
+    def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (6, 12, 18)) -> None:
+        super().__init__()
+
+        def branch(k: int, d: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, k, padding=d if k == 3 else 0, dilation=d, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.branches = nn.ModuleList([branch(1, 1), *(branch(3, r) for r in rates)])
+        self.pool = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+        n = len(self.branches) + 1
+        self.project = nn.Sequential(
+            nn.Conv2d(n * cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.pool(x.mean((2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))

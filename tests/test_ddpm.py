@@ -1,0 +1,192 @@
+"""The DDPM and `kdad synth`: noise schedule, masked painting, the sample folder, and the
+DeST-DDPM training set drawn from it."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_mvtec
+
+from kdad.config import DataConfig, RunConfig
+from kdad.data.dataset import SyntheticTrainSet, read_bank
+from kdad.data.io import read_image, read_mask
+from kdad.engine.fit import datasets, training_samples
+from kdad.errors import KdadError
+from kdad.models.ddpm import DDPM, DDPMOptions
+
+
+def kdad(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kdad", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_schedule_ends_in_noise_and_loss_trains() -> None:
+    torch.manual_seed(0)
+    model = DDPM(DDPMOptions(image_size=16, channels=1, width=16, levels=2))
+    ab = model.alpha_bar
+    assert (ab.diff() < 0).all() and ab[0] > 0.999 and ab[-1] < 1e-4
+    x0 = torch.zeros(4096, 1, 1, 1) + 0.8
+    xt = model.noised(x0, torch.full((4096,), 999), torch.randn_like(x0))
+    assert abs(xt.mean()) < 0.05 and abs(xt.std() - 1) < 0.05  # q(x_T | x_0) is N(0, 1)
+    x = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(8, 1, 16, 16).contiguous()
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    losses = []
+    for _ in range(60):
+        loss = model.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])  # it learns to predict noise
+
+
+def test_paint_changes_only_the_mask_and_is_seeded() -> None:
+    torch.manual_seed(0)
+    model = DDPM(DDPMOptions(image_size=16, channels=3, width=16, levels=2)).eval()
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 4:10, 5:12] = 1
+    a = model.paint(x0, mask, generator=torch.Generator().manual_seed(1))
+    b = model.paint(x0, mask, generator=torch.Generator().manual_seed(1))
+    c = model.paint(x0, mask, generator=torch.Generator().manual_seed(2))
+    inside = mask.expand_as(x0) > 0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[~inside], x0[~inside])
+    assert (a[inside] - x0[inside]).abs().mean() > 0.05 and a.abs().max() <= 1
+
+
+def test_synth_train_and_sample_write_an_mvtec_folder(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    run, out = tmp_path / "ddpm", tmp_path / "defects"
+    args = ["--data", str(data), "--out", str(run), "--image-size", "32", "--steps", "5"]
+    proc = kdad("synth", "train", *args, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    again = kdad("synth", "train", *args, "--no-progress")
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwritten
+    proc = kdad("synth", "sample", "--model", str(run), "--out", str(out), "--count", "5")
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "synthetic.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    fit, _ = training_samples(DataConfig(path=str(data)))
+    assert {r["source"] for r in rows} <= {str(s.path.resolve()) for s in fit}
+    for r in rows:
+        img, src = read_image(out / r["image"]), read_image(Path(r["source"]))
+        mask = read_mask(out / r["mask"])
+        assert img.shape == src.shape and mask.shape == src.shape[:2] and mask.any()
+        assert np.abs(img[~mask] - src[~mask]).max() < 1 / 255 + 1e-6  # the rest is kept
+        assert np.abs(img[mask] - src[mask]).mean() > 0.01  # the defect is painted
+    page = (out / "gallery.html").read_text()
+    assert page.count("<img") == 15 and "data:image/png;base64," in page
+    assert kdad("synth", "sample", "--model", str(run), "--out", str(out)).returncode == 2
+
+
+def test_training_set_defects_are_seeded_and_bank_keeps_out_held_images(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 32, "dest_ddpm"
+    ds, _ = datasets(cfg)
+    assert isinstance(ds, SyntheticTrainSet)
+    ds.set_epoch(0)
+    first = [ds[i] for i in range(len(ds))]
+    again = [ds[i] for i in range(len(ds))]
+    ds.set_epoch(1)
+    later = [ds[i] for i in range(len(ds))]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, later))
+    flawed = [x for x in first if x["mask"].any()]
+    assert 0 < len(flawed) < len(first)  # some images, not all, carry a defect
+    for x in first:
+        outside = x["mask"][None].expand_as(x["image"]) == 0
+        assert torch.equal(x["image"][outside], x["clean"][outside])
+
+    fit, held = training_samples(cfg.data)
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    with open(folder / "synthetic.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "mask", "source"])
+        w.writerow(["a.png", "a_mask.png", str(held[0].path)])
+        w.writerow(["b.png", "b_mask.png", str(fit[0].path)])
+    assert [b[2] for b in read_bank(folder, fit)] == [fit[0].path]
+    with pytest.raises(KdadError, match="none of its 2 defects"):
+        read_bank(folder, fit[1:])
+    with pytest.raises(KdadError, match=r"no synthetic\.csv"):
+        read_bank(tmp_path, fit)
+
+
+def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    run, bank = tmp_path / "ddpm", tmp_path / "defects"
+    assert (
+        kdad(
+            "synth",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--image-size",
+            "32",
+            "--steps",
+            "3",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
+    assert (
+        kdad(
+            "synth",
+            "sample",
+            "--model",
+            str(run),
+            "--out",
+            str(bank),
+            "--count",
+            "4",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
+    proc = kdad(
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        "dest_ddpm",
+        "--option",
+        "defects=ddpm",
+        "--option",
+        f"ddpm_samples={bank}",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    assert "defects: ddpm" in cfg and str(bank) in cfg
+    bad = kdad(
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        "dest_ddpm",
+        "--option",
+        "defects",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

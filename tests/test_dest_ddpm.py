@@ -1,0 +1,66 @@
+"""DeST-DDPM: its two training phases, its score rule and its options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdad.errors import KdadError
+from kdad.models import build_model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    clean = torch.randn(4, 3, 64, 64)
+    mask = torch.zeros(4, 64, 64)
+    mask[:2, 10:30, 20:40] = 1
+    image = torch.where(mask[:, None] > 0, clean + 2, clean)
+    return {"image": image, "clean": clean, "mask": mask}
+
+
+def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
+    model = build_model("dest_ddpm", "resnet18", pretrained=False)
+    batch = _batch()
+    student = [
+        *model.encoder.parameters(),
+        *model.bottleneck.parameters(),
+        *model.decoder.parameters(),
+    ]
+
+    model.start_epoch(0, 10)
+    model.train()
+    parts = model.loss(batch, model(batch["image"]))
+    assert set(parts) == {"loss", "cos0", "cos1", "cos2"}
+    parts["loss"].backward()
+    assert all(p.grad is not None for p in student)
+    assert all(p.grad is None for p in model.head.parameters())
+    model.zero_grad(set_to_none=True)
+
+    model.start_epoch(5, 10)
+    model.train()
+    assert model.head.training and not model.encoder.training and not model.decoder.training
+    stats = model.decoder[0][0].bn1.running_mean.clone()
+    parts = model.loss(batch, model(batch["image"]))
+    assert set(parts) == {"loss", "focal", "l1"}
+    parts["loss"].backward()
+    assert all(p.grad is None for p in student)
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert torch.equal(model.decoder[0][0].bn1.running_mean, stats)  # frozen statistics
+
+
+def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"top_share": 0.01})
+    with torch.no_grad():
+        out = model.eval()(_batch()["image"])
+    amap = out.anomaly_map
+    assert amap.shape == (4, 64, 64) and amap.min() >= 0 and amap.max() <= 1
+    k = round(0.01 * 64 * 64)
+    expected = amap.flatten(1).sort(1, descending=True).values[:, :k].mean(1)
+    assert torch.allclose(out.score, expected)
+
+
+def test_bad_defect_options_are_refused() -> None:
+    with pytest.raises(KdadError, match="'perlin' or 'ddpm'"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "dtd"})
+    with pytest.raises(KdadError, match="needs ddpm_samples"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "ddpm"})
