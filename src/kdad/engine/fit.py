@@ -119,6 +119,8 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.model.options.get("ddpm_samples"):  # likewise the synthetic defects' folder
+        cfg.model.options["ddpm_samples"] = str(Path(cfg.model.options["ddpm_samples"]).resolve())
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
