@@ -14,6 +14,8 @@ from conftest import SIZE, make_folder, make_mtd, make_mvtec, save, texture
 from PIL import Image
 
 import kdad
+from kdad.engine.calibrate import normalise
+from kdad.export import OnnxDetector
 from kdad.metrics import compute_metrics
 from kdad.models import MODELS
 
@@ -151,6 +153,20 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         )
         x0, y0, x1, y1 = x["instances"][0]["box"]
         assert truth[y0:y1, x0:x1].any()
+
+    # Exported: one ONNX graph run by onnxruntime gives PyTorch's maps and decisions.
+    export = tmp_path / "export"
+    kdad_cli("export", "--checkpoint", str(run), "--format", "onnx", "--out", str(export))
+    files = sorted((data / "test").rglob("*.png"))
+    det = kdad.load(run)
+    onnx = OnnxDetector(export)
+    cal = det.calibration
+    for f, p in zip(files, det.predict(files)):
+        got = onnx.run(np.asarray(Image.open(f).convert("RGB"))[None])
+        want = normalise(p.anomaly_map, cal["pixel_threshold"], cal["pixel_low"])
+        assert np.abs(got["map"][0] - want).max() <= 1e-4
+        assert got["score"][0] == pytest.approx(p.normalised_score, abs=1e-5)
+        assert bool(got["defect"][0]) == (p.decision == "defect")
 
 
 def test_python_api_matches_cli_outputs(tmp_path: Path) -> None:

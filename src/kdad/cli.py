@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pixel-quantile", type=float, help="quantile of good pixels")
     c.add_argument("--device", default="auto")
 
+    ex = sub.add_parser("export", help="one ONNX graph: resize, model, calibrated decision")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", required=True, help="folder for model.onnx and kdad.json")
+
     sy = sub.add_parser("synth", help="a DDPM of good images that paints synthetic defects")
     syv = sy.add_subparsers(dest="synth_verb", required=True)
     st = syv.add_parser("train", help="train the DDPM on a dataset's good training images")
@@ -187,6 +192,10 @@ def _run(args: argparse.Namespace) -> int:
 
         cal = recalibrate(args.checkpoint, args.false_alarm_rate, args.pixel_quantile, args.device)
         print(json.dumps(cal, indent=2))
+    elif args.verb == "export":
+        from kdad.export import export_onnx
+
+        print(f"onnx: {export_onnx(args.checkpoint, args.out)}")
     elif args.verb == "synth" and args.synth_verb == "train":
         from kdad.config import DataConfig
         from kdad.engine.diffusion import DiffusionConfig, train_ddpm

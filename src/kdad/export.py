@@ -1,0 +1,148 @@
+"""``kdad export``: one ONNX graph holding everything between the camera and the decision, and
+the onnxruntime runner that serves it without PyTorch.
+
+The graph takes a uint8 RGB batch (B, H, W, 3) of any size and contains the resize (bilinear,
+antialiased, as training), the teacher's normalisation, the model, its smoothing, and the
+calibrated normalisation; it returns the normalised map (B, S, S) (0.5 = pixel threshold), the
+normalised score (B,) (0.5 = image threshold), the raw score (B,) and the decision (B,) bool.
+Beside it, kdad.json keeps the run's config and calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdad.detector import Detector
+from kdad.errors import KdadError
+
+OUTPUTS = ("map", "score", "raw_score", "defect")
+
+
+class Deployable(nn.Module):
+    """A model with its pre- and post-processing: uint8 (B, H, W, 3) in, decisions out."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        calibration: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        c = calibration
+        self.image = (float(c["image_threshold"]), float(c["image_low"]))
+        self.pixel = (float(c["pixel_threshold"]), float(c["pixel_low"]))
+
+    @staticmethod
+    def _normalise(v: Tensor, threshold: float, low: float) -> Tensor:
+        return (0.5 * (v - low) / (threshold - low)).clamp(0, 1)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(
+            x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+        ).clamp(0, 1)
+        out = self.model((x - self.mean) / self.std)
+        amap = self._normalise(out.anomaly_map, *self.pixel)  # (B, S, S)
+        score = self._normalise(out.score, *self.image)  # (B,)
+        return amap, score, out.score, out.score >= self.image[0]
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Path:
+    """Write ``out``/model.onnx and ``out``/kdad.json from a calibrated checkpoint, then check
+    that onnxruntime reproduces PyTorch on a test image (maps to 1e-4, same decision)."""
+    det = Detector.load(checkpoint, "cpu")
+    if det.calibration is None:
+        raise KdadError(f"{checkpoint}: no calibration to export; run `kdad calibrate` first")
+    size = det.cfg.data.image_size
+    wrapped = Deployable(
+        det.model,
+        size,
+        tuple(det.mean.flatten().tolist()),
+        tuple(det.std.flatten().tolist()),
+        det.calibration,
+    ).eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    example = torch.randint(0, 256, (2, size + 8, size + 16, 3), dtype=torch.uint8)
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=1024),
+        1: torch.export.Dim("height", min=16, max=16384),
+        2: torch.export.Dim("width", min=16, max=16384),
+    }
+    tmp = out / ".model.onnx.tmp"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={"images": dims},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    tmp.replace(path)
+    meta = {
+        "format": "kdad-onnx-1",
+        "input": {"name": "images", "dtype": "uint8", "layout": "BHWC", "channels": "RGB"},
+        "outputs": list(OUTPUTS),
+        "image_size": size,
+        "model": det.cfg.model.name,
+        "score_rule": det.model.score_rule,
+        "config": det.cfg.to_dict(),
+        "calibration": det.calibration,
+        "checkpoint": str(Path(det.checkpoint["path"]).resolve()),
+    }
+    (out / "kdad.json").write_text(json.dumps(meta, indent=2))
+    check = torch.randint(0, 256, (1, size + 24, size - 8, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = wrapped(check)
+    got = OnnxDetector(out).run(check.numpy())
+    if np.abs(got["map"] - ref[0].numpy()).max() > 1e-4 or bool(got["defect"][0]) != bool(ref[3]):
+        raise KdadError(f"{path}: onnxruntime does not reproduce PyTorch; please report this")
+    return path
+
+
+class OnnxDetector:
+    """An exported model run by onnxruntime: no PyTorch needed at run time."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        folder = Path(folder)
+        if folder.suffix == ".onnx":
+            folder = folder.parent
+        meta_path, model_path = folder / "kdad.json", folder / "model.onnx"
+        if not model_path.is_file() or not meta_path.is_file():
+            raise KdadError(f"{folder}: not a kdad export (needs model.onnx and kdad.json)")
+        self.meta = json.loads(meta_path.read_text())
+        self.calibration = self.meta["calibration"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(model_path), opts, providers=["CPUExecutionProvider"]
+        )
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (B, H, W, 3) -> map (B, S, S), score, raw_score (B,), defect (B,) bool."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise KdadError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
+        return dict(zip(OUTPUTS, self.session.run(None, {"images": images})))
