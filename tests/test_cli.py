@@ -15,7 +15,7 @@ from PIL import Image
 
 import kdad
 from kdad.engine.calibrate import normalise
-from kdad.export import OnnxDetector
+from kdad.export import OnnxRunner
 from kdad.metrics import compute_metrics
 from kdad.models import MODELS
 
@@ -159,7 +159,7 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
     kdad_cli("export", "--checkpoint", str(run), "--format", "onnx", "--out", str(export))
     files = sorted((data / "test").rglob("*.png"))
     det = kdad.load(run)
-    onnx = OnnxDetector(export)
+    onnx = OnnxRunner(export)
     cal = det.calibration
     for f, p in zip(files, det.predict(files)):
         got = onnx.run(np.asarray(Image.open(f).convert("RGB"))[None])

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["onnx"], default="onnx")
     ex.add_argument("--out", required=True, help="folder for model.onnx and kdad.json")
 
+    sv = sub.add_parser("serve", help="HTTP service and web page for one model")
+    sv.add_argument("--model", required=True, help="export folder (ONNX) or checkpoint/run")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+
     sy = sub.add_parser("synth", help="a DDPM of good images that paints synthetic defects")
     syv = sy.add_subparsers(dest="synth_verb", required=True)
     st = syv.add_parser("train", help="train the DDPM on a dataset's good training images")
@@ -196,6 +202,10 @@ def _run(args: argparse.Namespace) -> int:
         from kdad.export import export_onnx
 
         print(f"onnx: {export_onnx(args.checkpoint, args.out)}")
+    elif args.verb == "serve":
+        from kdad.serve import serve
+
+        serve(args.model, args.host, args.port, args.workers)
     elif args.verb == "synth" and args.synth_verb == "train":
         from kdad.config import DataConfig
         from kdad.engine.diffusion import DiffusionConfig, train_ddpm

@@ -66,16 +66,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
     """Write ``out``/model.onnx and ``out``/kdad.json from a calibrated checkpoint, then check
     that onnxruntime reproduces PyTorch on a test image (maps to 1e-4, same decision)."""
     det = Detector.load(checkpoint, "cpu")
-    if det.calibration is None:
-        raise KdadError(f"{checkpoint}: no calibration to export; run `kdad calibrate` first")
+    wrapped = deployable(det)
     size = det.cfg.data.image_size
-    wrapped = Deployable(
-        det.model,
-        size,
-        tuple(det.mean.flatten().tolist()),
-        tuple(det.std.flatten().tolist()),
-        det.calibration,
-    ).eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
@@ -116,14 +108,50 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
     check = torch.randint(0, 256, (1, size + 24, size - 8, 3), dtype=torch.uint8)
     with torch.no_grad():
         ref = wrapped(check)
-    got = OnnxDetector(out).run(check.numpy())
+    got = OnnxRunner(out).run(check.numpy())
     if np.abs(got["map"] - ref[0].numpy()).max() > 1e-4 or bool(got["defect"][0]) != bool(ref[3]):
         raise KdadError(f"{path}: onnxruntime does not reproduce PyTorch; please report this")
     return path
 
 
-class OnnxDetector:
+def deployable(det: Detector) -> Deployable:
+    """A calibrated detector's model with the pre- and post-processing of the export."""
+    if det.calibration is None:
+        raise KdadError(
+            f"{det.checkpoint.get('path', 'checkpoint')}: no calibration; run `kdad calibrate`"
+        )
+    return Deployable(
+        det.model,
+        det.cfg.data.image_size,
+        tuple(det.mean.flatten().tolist()),
+        tuple(det.std.flatten().tolist()),
+        det.calibration,
+    ).eval()
+
+
+class TorchRunner:
+    """A checkpoint run by PyTorch with exactly the exported graph's inputs and outputs."""
+
+    runtime = "pytorch"
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+        det = Detector.load(checkpoint, device)
+        self.graph = deployable(det)
+        self.device = det.device
+        self.meta = {"model": det.cfg.model.name, "image_size": det.cfg.data.image_size}
+        self.calibration = det.calibration
+
+    @torch.inference_mode()
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (B, H, W, 3) -> map (B, S, S), score, raw_score (B,), defect (B,) bool."""
+        out = self.graph(torch.from_numpy(images).to(self.device))
+        return {k: v.cpu().numpy() for k, v in zip(OUTPUTS, out)}
+
+
+class OnnxRunner:
     """An exported model run by onnxruntime: no PyTorch needed at run time."""
+
+    runtime = "onnxruntime"
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         folder = Path(folder)
@@ -146,3 +174,14 @@ class OnnxDetector:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise KdadError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
         return dict(zip(OUTPUTS, self.session.run(None, {"images": images})))
+
+
+def load_runner(source: str | Path, device: str = "cpu") -> TorchRunner | OnnxRunner:
+    """An export folder (or its model.onnx) runs on onnxruntime; a checkpoint or run folder
+    on PyTorch."""
+    p = Path(source)
+    if not p.exists():
+        raise KdadError(f"{p}: no such model (a checkpoint, run folder or export folder)")
+    if p.suffix == ".onnx" or (p / "kdad.json").is_file():
+        return OnnxRunner(p)
+    return TorchRunner(p, device)

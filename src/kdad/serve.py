@@ -1,0 +1,150 @@
+"""``kdad serve``: an HTTP service for the line, and its web page.
+
+``POST /predict`` takes one image upload and answers the calibrated score and decision, the
+defect instances, and the heatmap overlay and defect mask as base64 PNGs; ``GET /health`` says
+what is loaded; ``GET /`` is a page where a person drops images and sees the verdict; FastAPI
+serves the OpenAPI schema at ``/openapi.json`` (and ``/docs``). The service keeps no state
+between requests, so replicas behind any load balancer answer alike.
+
+Bad input is a 4xx with a JSON ``detail``: 415 for a content type that is not an image, 413 for
+an upload over ``max_bytes`` or an image over ``max_pixels`` (decompression bombs), 400 for
+bytes that are not a readable image (unknown format, truncated).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import HTMLResponse
+from PIL import Image, UnidentifiedImageError
+
+from kdad.export import load_runner
+from kdad.outputs import find_instances, heatmap_overlay, upsample_map
+
+IMAGE_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/bmp",
+    "image/tiff",
+    "image/webp",
+    "application/octet-stream",  # what many clients send for a file whose type they don't know
+}
+
+
+def _png64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> uint8 RGB (H, W, 3), or an HTTPException saying what is wrong."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise HTTPException(
+                    413, f"{name}: {img.width}x{img.height} is over the {max_pixels} pixel limit"
+                )
+            img.load()
+        except HTTPException:
+            raise
+        except UnidentifiedImageError as e:
+            raise HTTPException(400, f"{name}: not an image kdad can read") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise HTTPException(413, f"{name}: image too large ({e})") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise HTTPException(400, f"{name}: truncated or corrupt image ({e})") from e
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, np.float64)
+        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+    return np.asarray(img.convert("RGB"))
+
+
+def create_app(
+    model: str | Path,
+    max_bytes: int = 20 * 2**20,
+    max_pixels: int = 50_000_000,
+) -> FastAPI:
+    """The service around one model: an ONNX export (onnxruntime) or a checkpoint (PyTorch)."""
+    runner = load_runner(model)
+    cal = runner.calibration
+    app = FastAPI(
+        title="kdad",
+        description="Defect detection by knowledge distillation: score, decide, localise.",
+    )
+    page = resources.files("kdad").joinpath("static/index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness and what is loaded."""
+        return {
+            "status": "ok",
+            "model": runner.meta["model"],
+            "runtime": runner.runtime,
+            "image_size": runner.meta["image_size"],
+            "false_alarm_rate": cal.get("false_alarm_rate"),
+        }
+
+    @app.post("/predict")
+    def predict(file: Annotated[UploadFile, File()], images: bool = True) -> dict[str, Any]:
+        """Score one image: normalised score (0.5 = threshold), decision, defect instances
+        (boxes in original pixels), and base64 PNGs of the overlay and mask (``images``)."""
+        name = file.filename or "upload"
+        ctype = (file.content_type or "").split(";")[0].strip().lower()
+        if ctype not in IMAGE_TYPES:
+            raise HTTPException(415, f"{name}: content type {ctype or 'none'} is not an image")
+        data = file.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"{name}: upload over the {max_bytes} byte limit")
+        rgb = decode_upload(data, name, max_pixels)  # (H, W, 3) uint8
+        out = runner.run(rgb[None])
+        h, w = rgb.shape[:2]
+        heat = np.clip(upsample_map(out["map"][0], h, w), 0, 1)  # (H, W), 0.5 = pixel threshold
+        defect = bool(out["defect"][0])
+        mask = (heat >= 0.5) & defect
+        answer: dict[str, Any] = {
+            "filename": name,
+            "width": w,
+            "height": h,
+            "score": float(out["score"][0]),
+            "raw_score": float(out["raw_score"][0]),
+            "decision": "defect" if defect else "ok",
+            "instances": find_instances(mask, heat),
+        }
+        if images:
+            answer["overlay_png"] = _png64(heatmap_overlay(rgb / 255.0, heat))
+            answer["mask_png"] = _png64(Image.fromarray(mask.astype(np.uint8) * 255))
+        return answer
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``uvicorn --factory`` worker processes: model from $KDAD_SERVE_MODEL."""
+    return create_app(os.environ["KDAD_SERVE_MODEL"])
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the service with uvicorn (``workers`` processes, each loading the model)."""
+    import uvicorn
+
+    if workers > 1:
+        os.environ["KDAD_SERVE_MODEL"] = str(Path(model).resolve())
+        load_runner(model)  # fail here, once, rather than in every worker
+        uvicorn.run("kdad.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
+    else:
+        uvicorn.run(create_app(model), host=host, port=port)
