@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import kdad
+from kdad.export import export_onnx
 from kdad.serve import create_app
 
 
@@ -38,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         out=root / "run",
         progress=False,
     )
-    kdad.export_onnx(root / "run", root / "export")
+    export_onnx(root / "run", root / "export")
     return root / "data", root / "export"
 
 
