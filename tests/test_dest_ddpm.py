@@ -36,6 +36,9 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
     assert all(p.grad is None for p in model.head.parameters())
     model.zero_grad(set_to_none=True)
 
+    for epoch, epochs, seg in [(0, 1, False), (0, 2, False), (1, 2, True), (2, 4, True)]:
+        model.start_epoch(epoch, epochs)
+        assert model.seg_phase == seg
     model.start_epoch(5, 10)
     model.train()
     assert model.head.training and not model.encoder.training and not model.decoder.training

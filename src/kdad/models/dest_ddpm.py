@@ -81,8 +81,9 @@ class DeSTDDPM(KDModel):
             kaiming_init(part)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Phase one trains the student, phase two the head alone."""
-        self.seg_phase = epoch >= round(self.opt.student_share * epochs)
+        """Phase one trains the student, phase two the head alone (phase one has at least one
+        epoch: a one-epoch run trains the student only)."""
+        self.seg_phase = epoch >= max(1, round(self.opt.student_share * epochs))
 
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)
