@@ -19,6 +19,7 @@ import pytest
 from conftest import make_mvtec
 from fastapi.testclient import TestClient
 from PIL import Image
+from playwright.sync_api import sync_playwright
 
 import kdad
 from kdad.export import export_onnx
@@ -154,8 +155,6 @@ def test_real_server_answers_eight_concurrent_clients(trained, server: str) -> N
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_web_page_in_headless_chromium(trained, server: str) -> None:
-    from playwright.sync_api import sync_playwright
-
     data, _ = trained
     bad = sorted((data / "test" / "scratch").glob("*.png"))[0]
     with sync_playwright() as p:
