@@ -20,6 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx2
 import numpy as np
 from PIL import Image
 
@@ -34,28 +35,9 @@ from kdad.export import export_onnx
 
 def post(url: str, name: str, body: bytes) -> tuple[int, float]:
     """One multipart upload: (status, seconds)."""
-    boundary = "kdadbenchboundary"
-    payload = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + body
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    req = urllib.request.Request(
-        url + "/predict",
-        data=payload,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
     tic = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            r.read()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    return status, time.perf_counter() - tic
+    r = httpx2.post(url + "/predict", files={"file": (name, body, "image/png")}, timeout=120)
+    return r.status_code, time.perf_counter() - tic
 
 
 def load(url: str, bodies: list[tuple[str, bytes]], clients: int, requests: int) -> dict:

@@ -14,6 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx2
 import numpy as np
 import pytest
 from conftest import make_mvtec
@@ -126,22 +127,8 @@ def server(trained: tuple[Path, Path]):
 
 
 def _post(url: str, name: str, body: bytes) -> int:
-    boundary = "kdadtestboundary"
-    payload = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + body
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    req = urllib.request.Request(
-        url + "/predict?images=false",
-        data=payload,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return r.status
+    files = {"file": (name, body, "image/png")}
+    return httpx2.post(url + "/predict?images=false", files=files, timeout=60).status_code
 
 
 def test_real_server_answers_eight_concurrent_clients(trained, server: str) -> None:

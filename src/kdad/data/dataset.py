@@ -50,6 +50,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, path: Path) -> Tensor:
+        """An image file as (3, S, S) in [0, 1], resized, not yet normalised."""
+        return resize_image(torch.from_numpy(read_image(path)).permute(2, 0, 1), self.size)
+
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         s = self.samples[i]
         img = read_image(s.path)  # (H, W, 3)
@@ -94,9 +98,7 @@ class SyntheticValidationSet(ImageDataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         n = len(self.samples)
-        x = resize_image(
-            torch.from_numpy(read_image(self.samples[i % n].path)).permute(2, 0, 1), self.size
-        )  # (3, S, S)
+        x = self.load(self.samples[i % n].path)  # (3, S, S)
         mask = torch.zeros(self.size, self.size)
         if i >= n:
             img, m = synthesize(x.permute(1, 2, 0).numpy(), np.random.default_rng([self.seed, i]))
@@ -133,17 +135,14 @@ class SyntheticTrainSet(ImageDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _load(self, path: Path) -> Tensor:
-        return resize_image(torch.from_numpy(read_image(path)).permute(2, 0, 1), self.size)
-
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        clean = self._load(self.samples[i].path)  # (3, S, S)
+        clean = self.load(self.samples[i].path)  # (3, S, S)
         x, mask = clean, torch.zeros(self.size, self.size)
         if rng.random() < self.defect_prob:
             if self.bank:
                 image, mask_path, source = self.bank[rng.integers(len(self.bank))]
-                x, clean = self._load(image), self._load(source)
+                x, clean = self.load(image), self.load(source)
                 m = torch.from_numpy(read_mask(mask_path)).float()[None, None]
                 mask = (F.interpolate(m, size=(self.size, self.size), mode="bilinear") > 0.5)[0, 0]
             else:
