@@ -29,7 +29,7 @@ from common import write_result
 import kdad
 from kdad.data.io import read_image
 from kdad.data.layouts import find_samples
-from kdad.export import Deployable, OnnxRunner, export_onnx
+from kdad.export import Deployable, OnnxRunner, deployable, export_onnx
 from kdad.models import MODELS
 
 
@@ -100,13 +100,7 @@ def main() -> None:
             )
             export_onnx(run, run / "onnx")
             det = kdad.load(run, device="cpu")
-            graph = Deployable(
-                det.model,
-                args.image_size,
-                tuple(det.mean.flatten().tolist()),
-                tuple(det.std.flatten().tolist()),
-                det.calibration,
-            ).eval()
+            graph = deployable(det)
             torch.set_num_threads(args.threads)
             x = torch.randn(1, 3, args.image_size, args.image_size)
             with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
-from kdad.models.base import Output
 from kdad.models.layers import GatedFusion, SelectiveFusion, conv_bn_relu, haar_dwt, kaiming_init
-from kdad.models.rd import RD, anomaly_map, decode, rd_loss
+from kdad.models.rd import RD, decode, rd_loss, smoothed_output
 
 BANDS = ("LL", "LH", "HL", "HH")
 
@@ -106,8 +105,7 @@ class BSDRD(RD):
         s = self.blend(struct, detail)
         if self.training:
             return t, struct, detail, s
-        amap = self.blur(anomaly_map(t, s, tuple(x.shape[-2:])))  # (B, H, W)
-        return Output(amap, amap.flatten(1).amax(1))
+        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
 
     def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
         t, struct, detail, s = out

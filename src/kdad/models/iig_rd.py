@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.models.base import Output
-from kdad.models.rd import RD, anomaly_map, decode, rd_loss
+from kdad.models.rd import RD, decode, rd_loss, smoothed_output
 
 
 class IIGRD(RD):
@@ -76,8 +75,7 @@ class IIGRD(RD):
         s = decode(self.decoder, g)
         if self.training:
             return t, s, e, g
-        amap = self.blur(anomaly_map(t, s, tuple(x.shape[-2:])))  # (B, H, W)
-        return Output(amap, amap.flatten(1).amax(1))
+        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
 
     def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
         t, s, e, g = out

@@ -36,6 +36,7 @@ _RECIPES = {
     "wide_resnet50_2": ("bottleneck", 3, (3, 4, 6), 0.5),
 }
 _DEFAULT_RECIPE = ("bottleneck", 3, (3, 4, 6), 1.0)
+MAX_RULE = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
 
 
 class Teacher(nn.Module):
@@ -67,7 +68,7 @@ class Teacher(nn.Module):
 class RD(KDModel):
     """Teacher encoder -> OCBE -> decoder student; anomaly = 1 - cos(teacher, student)."""
 
-    score_rule = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
+    score_rule = MAX_RULE
 
     @dataclass
     class Options:
@@ -127,9 +128,7 @@ class RD(KDModel):
         s = self.student(t)
         if self.training:
             return t, s
-        amap = anomaly_map(t, s, tuple(x.shape[-2:]))
-        amap = self.blur(amap)  # (B, H, W)
-        return Output(amap, amap.flatten(1).amax(1))
+        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
 
     def loss(
         self, batch: dict[str, Tensor], out: tuple[list[Tensor], list[Tensor]]
@@ -158,3 +157,11 @@ def rd_loss(teacher: list[Tensor], student: list[Tensor]) -> list[Tensor]:
 def anomaly_map(teacher: list[Tensor], student: list[Tensor], size: tuple[int, int]) -> Tensor:
     """Sum over scales of per-pixel 1 - cos, bilinearly upsampled to ``size``: (B, H, W)."""
     return sum(cosine_distance_map(t, s, size) for t, s in zip(teacher, student))
+
+
+def smoothed_output(
+    blur: GaussianBlur, teacher: list[Tensor], student: list[Tensor], size: tuple[int, int]
+) -> Output:
+    """The family's eval output: RD's map, Gaussian-smoothed (B, H, W), and its max as score."""
+    amap = blur(anomaly_map(teacher, student, size))
+    return Output(amap, amap.flatten(1).amax(1))

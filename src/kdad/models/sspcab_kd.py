@@ -26,15 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from kdad.backbones import build_backbone
-from kdad.models.base import KDModel, Output
+from kdad.models.base import KDModel
 from kdad.models.layers import SSPCAB, GaussianBlur, SimAM, pixel_cosine_loss
-from kdad.models.rd import Teacher, anomaly_map
+from kdad.models.rd import MAX_RULE, Teacher, smoothed_output
 
 
 class SSPCABKD(KDModel):
     """Frozen teacher; a student of the same architecture with SimAM and SSPCAB inside."""
 
-    score_rule = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
+    score_rule = MAX_RULE
 
     @dataclass
     class Options:
@@ -83,8 +83,7 @@ class SSPCABKD(KDModel):
         s, pre = self.students(x)
         if self.training:
             return t, s, pre
-        amap = self.blur(anomaly_map(t, s, tuple(x.shape[-2:])))  # (B, H, W)
-        return Output(amap, amap.flatten(1).amax(1))
+        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
 
     def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
         t, s, pre = out

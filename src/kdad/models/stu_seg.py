@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.errors import KdadError
-from kdad.models.base import KDModel, Output
+from kdad.models.base import KDModel
 from kdad.models.layers import (
     GaussianBlur,
     SelectiveFusion,
@@ -36,13 +36,13 @@ from kdad.models.layers import (
     kaiming_init,
     pixel_cosine_loss,
 )
-from kdad.models.rd import Teacher, anomaly_map
+from kdad.models.rd import MAX_RULE, Teacher, smoothed_output
 
 
 class STUSeg(KDModel):
     """Frozen teacher; U-Net student on the image; anomaly = 1 - cos(teacher, student)."""
 
-    score_rule = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
+    score_rule = MAX_RULE
 
     @dataclass
     class Options:
@@ -115,8 +115,7 @@ class STUSeg(KDModel):
         s = self.student(x)
         if self.training:
             return t, s
-        amap = self.blur(anomaly_map(t, s, tuple(x.shape[-2:])))  # (B, H, W)
-        return Output(amap, amap.flatten(1).amax(1))
+        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
 
     def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
         parts = {f"cos{i}": pixel_cosine_loss(t, s) for i, (t, s) in enumerate(zip(*out))}
