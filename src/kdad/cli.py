@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import warnings
@@ -40,6 +42,30 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: value is not valid YAML") from e
+
+
+def _nproc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N data-parallel ranks on this machine (torchrun; one per GPU); "
+        "or start kdad under torchrun yourself",
+    )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` minus its --nproc option, for the ranks the launcher starts."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default runs/latest)")
     t.add_argument("--config", help="YAML run config; flags override it")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _nproc_arg(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("test", help="compute metrics on a labelled test set")
@@ -102,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    _nproc_arg(p)
     r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
     r.add_argument("source", help="run folder, metrics.json, or predict output folder")
     r.add_argument("--out", help="HTML file (default: report.html beside the source)")
@@ -253,14 +281,27 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdad`` console script; bad input ends with one line and status 2."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    from kdad.engine.distributed import current, launch, shutdown
+
+    rank = current()
+    if getattr(args, "nproc", 1) > 1 and rank.world == 1:
+        return launch(args.nproc, _without_nproc(argv))
+    prefix = "kdad" if rank.main else f"kdad[rank {rank.rank}]"
     try:
-        return _run(args)
+        if rank.main:
+            return _run(args)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # rank 0 says it once
+            return _run(args)
     except KdadError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        print(f"kdad: error: {lines[-1] if lines else e}", file=sys.stderr)
+        print(f"{prefix}: error: {lines[-1] if lines else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kdad: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()

@@ -18,11 +18,19 @@ from kdad.data.io import read_image
 from kdad.data.layouts import KdadWarning, Sample, collect_images, find_samples
 from kdad.engine.calibrate import calibrate, f1_threshold, normalise
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.distributed import barrier, ensure_group
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import model_from_config, resolve_device
 from kdad.errors import KdadError
 from kdad.models import KDModel
-from kdad.outputs import ImageResult, PredictionWriter, find_instances, upsample_map
+from kdad.outputs import (
+    ImageResult,
+    PredictionWriter,
+    find_instances,
+    merge_shards,
+    unique_stems,
+    upsample_map,
+)
 
 
 @dataclass
@@ -150,26 +158,36 @@ class Detector:
         """Score image files and folders, streaming: OUT/predictions.csv and .jsonl, and per
         image OUT/heatmaps/*.png and OUT/masks/*.png at the original resolution.
 
-        An unreadable image gets a line with its error and a warning; the run goes on.
+        An unreadable image gets a line with its error and a warning; the run goes on. Under
+        torchrun each rank scores every world-th input; rank 0 then merges the ranks' lines in
+        input order (every input exactly once). Several nodes need OUT on a shared filesystem.
         """
         out = Path(out)
         paths = collect_images(list(inputs))
-        writer = PredictionWriter(out)
+        stems = unique_stems(paths)
+        r = ensure_group(self.device)
+        mine = list(range(r.rank, len(paths), r.world))
+        writer = PredictionWriter(out, shard=r.rank if r.world > 1 else None)
         try:
-            for i in range(0, len(paths), batch_size):
-                chunk = [(p, _try_read(p)) for p in paths[i : i + batch_size]]
+            for i in range(0, len(mine), batch_size):
+                chunk = [(k, _try_read(paths[k])) for k in mine[i : i + batch_size]]
                 ok = [img for _, img in chunk if not isinstance(img, str)]
                 maps, scores = self._run(ok) if ok else ([], [])
-                k = 0
-                for p, img in chunk:  # lines in input order
+                j = 0
+                for k, img in chunk:  # lines in input order
                     if isinstance(img, str):
-                        writer.write(ImageResult(str(p), error=img))
+                        writer.write(ImageResult(str(paths[k]), error=img), stems[k], k)
                         continue
-                    res, heat, mask = self.analyse(p, img, maps[k], float(scores[k]))
-                    writer.write(res, img, heat, mask)
-                    k += 1
+                    res, heat, mask = self.analyse(paths[k], img, maps[j], float(scores[j]))
+                    writer.write(res, stems[k], k, img, heat, mask)
+                    j += 1
         finally:
             writer.close()
+        if r.world > 1:
+            barrier()  # every shard written
+            if r.main:
+                merge_shards(out, r.world, len(paths))
+            barrier()
         return out / "predictions.csv"
 
 

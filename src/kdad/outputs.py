@@ -16,6 +16,8 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
+from kdad.errors import KdadError
+
 EIGHT = np.ones((3, 3), bool)
 
 
@@ -70,17 +72,26 @@ class ImageResult:
     error: str = ""
 
 
-def unique_name(path: Path, used: set[str]) -> str:
-    """A file stem for ``path`` not yet in ``used`` (images of the same name in two folders)."""
-    stem, k = path.stem, 1
-    while stem in used:
-        stem, k = f"{path.stem}_{k}", k + 1
-    used.add(stem)
-    return stem
+def unique_stems(paths: list[Path]) -> list[str]:
+    """A distinct file stem for each path, in order (images of the same name in two folders get
+    ``_1``, ``_2``...): the same list on every rank, so ranks never write the same file."""
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, k = path.stem, 1
+        while stem in used:
+            stem, k = f"{path.stem}_{k}", k + 1
+        used.add(stem)
+        stems.append(stem)
+    return stems
 
 
 class PredictionWriter:
-    """Streams each image's files and its lines of predictions.csv and predictions.jsonl."""
+    """Streams each image's files and its lines of predictions.csv and predictions.jsonl.
+
+    A writer for one rank's ``shard`` writes the images' files but puts its lines, with each
+    image's input index, in a hidden shard file that ``merge_shards`` turns into the two lists.
+    """
 
     COLUMNS = (
         "path",
@@ -93,33 +104,47 @@ class PredictionWriter:
         "error",
     )
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, shard: int | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for sub in ("heatmaps", "masks"):
             (out / sub).mkdir(exist_ok=True)
         self.out = out
-        self._csv_file = open(out / "predictions.csv", "w", newline="")  # noqa: SIM115
-        self._jsonl = open(out / "predictions.jsonl", "w")  # noqa: SIM115
-        self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(self.COLUMNS)
-        self._used: set[str] = set()
+        self._files = []
+        if shard is None:
+            self._csv_file = open(out / "predictions.csv", "w", newline="")  # noqa: SIM115
+            self._jsonl = open(out / "predictions.jsonl", "w")  # noqa: SIM115
+            self._csv = csv.writer(self._csv_file)
+            self._csv.writerow(self.COLUMNS)
+            self._files = [self._csv_file, self._jsonl]
+        else:
+            self._shard = open(shard_path(out, shard), "w")  # noqa: SIM115
+            self._files = [self._shard]
+        self.sharded = shard is not None
 
     def write(
         self,
         result: ImageResult,
+        stem: str,
+        index: int = 0,
         image: np.ndarray | None = None,
         heat: np.ndarray | None = None,
         mask: np.ndarray | None = None,
     ) -> None:
-        """Save the overlay of ``heat`` and the binary ``mask`` (original resolution) if given,
-        then the result's lines."""
-        stem = unique_name(Path(result.path), self._used)
+        """Save the overlay of ``heat`` and the binary ``mask`` (original resolution) as
+        ``stem``.png if given, then the result's lines (``index``: its place among the inputs)."""
         if image is not None and heat is not None:
             result.heatmap = f"heatmaps/{stem}.png"
             heatmap_overlay(image, heat).save(self.out / result.heatmap)
         if mask is not None:
             result.mask = f"masks/{stem}.png"
             Image.fromarray(mask.astype(np.uint8) * 255).save(self.out / result.mask)
+        if self.sharded:
+            self._shard.write(json.dumps({"index": index, **asdict(result)}) + "\n")
+        else:
+            self.write_lines(result)
+
+    def write_lines(self, result: ImageResult) -> None:
+        """The result's line in predictions.csv and in predictions.jsonl."""
         self._csv.writerow(
             [
                 result.path,
@@ -135,5 +160,38 @@ class PredictionWriter:
         self._jsonl.write(json.dumps(asdict(result)) + "\n")
 
     def close(self) -> None:
-        self._csv_file.close()
-        self._jsonl.close()
+        for f in self._files:
+            f.close()
+
+
+def shard_path(out: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its lines until they are merged."""
+    return out / f".predictions.rank{rank}.jsonl"
+
+
+def merge_shards(out: Path, world: int, count: int) -> Path:
+    """Merge the ``world`` ranks' shard files into predictions.csv and .jsonl in input order,
+    checking that each of the ``count`` inputs is there exactly once; the shards are removed."""
+    results: dict[int, ImageResult] = {}
+    for rank in range(world):
+        path = shard_path(out, rank)
+        if not path.is_file():
+            raise KdadError(f"{path}: rank {rank} wrote no predictions")
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            k = entry.pop("index")
+            if k in results:
+                raise KdadError(f"{path}: input {k} ({entry['path']}) predicted twice")
+            results[k] = ImageResult(**entry)
+    missing = sorted(set(range(count)) - set(results))
+    if missing or len(results) != count:
+        raise KdadError(f"{out}: {len(missing)} of {count} inputs have no prediction")
+    writer = PredictionWriter(out)
+    try:
+        for k in range(count):
+            writer.write_lines(results[k])
+    finally:
+        writer.close()
+    for rank in range(world):
+        shard_path(out, rank).unlink()
+    return out / "predictions.csv"

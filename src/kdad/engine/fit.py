@@ -1,13 +1,20 @@
 """The training loop: seeded, one progress bar with loss and ETA, a checkpoint every epoch,
-and resume that reproduces an unbroken run exactly."""
+and resume that reproduces an unbroken run exactly.
+
+Under torchrun it is data-parallel: DistributedDataParallel over the trainable parts,
+BatchNorm over the global batch, each rank a DistributedSampler shard of every global batch
+(``train.batch_size`` is the global batch), and rank 0 alone validating, logging, showing
+progress and writing checkpoints."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from kdad.backbones import get_spec
@@ -16,6 +23,7 @@ from kdad.data.dataset import ImageDataset, SyntheticTrainSet, SyntheticValidati
 from kdad.data.layouts import Sample, find_samples, split_holdout
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.distributed import Rank, broadcast, ensure_group, sync_batchnorm
 from kdad.engine.evaluate import evaluate_model
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
@@ -23,9 +31,11 @@ from kdad.models import MODELS, KDModel, build_model
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" is the first CUDA GPU when there is one, else the CPU."""
+    """ "auto" is a CUDA GPU when there is one (the rank's own under torchrun), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     try:
         dev = torch.device(name)
     except RuntimeError as e:
@@ -74,21 +84,26 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, memory_format=fmt)
 
 
-def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int) -> DataLoader:
-    """Shuffled by a generator seeded from (seed, epoch): resuming at any epoch replays it.
+def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int, r: Rank) -> DataLoader:
+    """This rank's share of every global batch, shuffled by a generator seeded from (seed,
+    epoch): resuming at any epoch replays it, and one rank sees exactly the order it had before
+    DDP existed. Ranks get interleaved indices of one permutation, so global batch k is the same
+    images on any number of ranks (the sampler pads the last one when the count is not divisible).
 
-    A last batch of a single image is dropped (that image comes in another batch next epoch):
-    BatchNorm cannot train on one sample of 1x1 features.
+    A last batch of a single image is dropped on one rank (that image comes in another batch
+    next epoch): BatchNorm cannot train on one sample of 1x1 features.
     """
-    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-    order = torch.randperm(len(ds), generator=g).tolist()
-    bs = cfg.train.batch_size
+    sampler = DistributedSampler(
+        ds, num_replicas=r.world, rank=r.rank, shuffle=True, seed=cfg.train.seed * 100_003
+    )
+    sampler.set_epoch(epoch)
+    bs = cfg.train.batch_size // r.world
     return DataLoader(
         ds,
         batch_size=bs,
-        sampler=order,
+        sampler=sampler,
         num_workers=cfg.train.num_workers,
-        drop_last=len(ds) > 1 and len(ds) % bs == 1,
+        drop_last=r.world == 1 and len(ds) > 1 and len(ds) % bs == 1,
     )
 
 
@@ -121,31 +136,45 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     if cfg.model.options.get("ddpm_samples"):  # likewise the synthetic defects' folder
         cfg.model.options["ddpm_samples"] = str(Path(cfg.model.options["ddpm_samples"]).resolve())
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-
     device = resolve_device(t.device)
+    r = ensure_group(device)
+    if t.batch_size % r.world:
+        raise KdadError(f"batch size {t.batch_size} is not divisible by the {r.world} ranks")
+    if r.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
     torch.manual_seed(t.seed)
     ds, val = datasets(cfg)
     # channels-last: about 1.5x faster training steps on CPU (measured on the RD family)
     model = model_from_config(cfg, pretrained=state is None).to(
         device, memory_format=torch.channels_last
     )
+    if state is not None:
+        model.load_state_dict(state["model"])
+    net = model  # what runs the training forward pass
+    if r.world > 1:
+        model = sync_batchnorm(model, device)
+        # some parameters sit out some steps (DeST-DDPM's two phases)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     opt = torch.optim.Adam(
         model.param_groups(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
     )
     start, history, best = 0, [], None
     if state is not None:
-        model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history, best = state["epoch"], list(state["history"]), state.get("best")
     holdout = [str(s.path) for s in val.samples] if val else []
 
-    steps = len(_loader(ds, cfg, 0))
+    steps = len(_loader(ds, cfg, 0, r))
     bar = tqdm(
         total=t.epochs * steps,
         initial=start * steps,
-        disable=not progress,
+        disable=not (progress and r.main),
         unit="step",
         dynamic_ncols=True,
     )
@@ -153,19 +182,27 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         model.start_epoch(epoch, t.epochs)
         if isinstance(ds, SyntheticTrainSet):
             ds.set_epoch(epoch)
-        model.train()
-        tic, total, n = time.perf_counter(), 0.0, 0
-        for batch in _loader(ds, cfg, epoch):
+        net.train()
+        tic = time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank
+        for batch in _loader(ds, cfg, epoch, r):
             batch = {k: _to(v, device) for k, v in batch.items()}
-            parts = model.loss(batch, model(batch["image"]))
+            parts = model.loss(batch, net(batch["image"]))
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
-            total += parts["loss"].item() * len(batch["image"])
-            n += len(batch["image"])
+            sums += torch.tensor([parts["loss"].item() * len(batch["image"]), len(batch["image"])])
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
-        entry = {"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - tic}
+        if r.world > 1:
+            torch.distributed.all_reduce(sums)
+        entry = {
+            "epoch": epoch + 1,
+            "loss": float(sums[0] / sums[1]),
+            "seconds": time.perf_counter() - tic,
+        }
+        if not r.main:
+            continue
         state = {
             "config": cfg.to_dict(),
             "model": model.state_dict(),
@@ -193,4 +230,4 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             ckpt_path, {**state, "history": history, "best": best, "optimizer": opt.state_dict()}
         )
     bar.close()
-    return out / "best.pt" if best else ckpt_path
+    return broadcast(out / "best.pt" if best else ckpt_path)
