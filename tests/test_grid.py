@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import make_folder, make_mvtec
 
 from kdad.cli import main
+from kdad.engine.checkpoint import load_checkpoint
 from kdad.errors import KdadError
 from kdad.grid import load_grid
 
@@ -84,3 +86,59 @@ def test_bad_grid_files(tmp_path: Path) -> None:
     grid.write_text("datasets: [{name: a, path: p}]\nmodels: [{name: x}]\ntrain: {out: y}\n")
     with pytest.raises(KdadError, match="per-run key 'out'"):
         load_grid(grid)
+
+
+def _interval(run: Path) -> tuple[int, int]:
+    """When a run was written: its config (start) to its metrics (end)."""
+    return (run / "config.yaml").stat().st_mtime_ns, (run / "metrics.json").stat().st_mtime_ns
+
+
+def test_grid_runs_in_parallel_keeps_going_past_a_failure_and_resumes(
+    tmp_path: Path, capsys
+) -> None:
+    """--jobs 2: runs overlap in time; a dataset that does not exist fails its runs only; the
+    finished runs are tabulated and never redone."""
+    a = make_mvtec(tmp_path / "a", n_train=6)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"out: {tmp_path / 'runs'}\nseeds: [0, 1, 2]\n"
+        "train: {epochs: 2, batch_size: 4, image_size: 32, val_every: 1}\n"
+        f"datasets:\n  - {{name: A, path: {a}}}\n  - {{name: gone, path: {tmp_path / 'gone'}}}\n"
+        "models:\n  - {name: rd, model: rd}\n"
+    )
+    assert main(["bench", str(grid), "--no-progress", "--jobs", "2"]) == 2
+    assert "3 of 6 runs failed" in capsys.readouterr().err
+    runs = [tmp_path / "runs" / "rd" / "A" / f"seed{s}" for s in range(3)]
+    spans = sorted(_interval(r) for r in runs)
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))  # two at once
+    with open(tmp_path / "runs" / "results.csv", newline="") as f:
+        assert [(r["model"], r["data"], r["seeds"]) for r in csv.DictReader(f)] == [
+            ("rd", "A", "3")
+        ]
+    stamps = {r: (r / "checkpoint.pt").stat().st_mtime_ns for r in runs}
+    assert main(["bench", str(grid), "--no-progress", "--jobs", "2", "--models", "rd"]) == 2
+    assert all((r / "checkpoint.pt").stat().st_mtime_ns == t for r, t in stamps.items())
+
+
+def test_train_several_categories_in_parallel(tmp_path: Path, capsys) -> None:
+    """``kdad train --category c1 c2 --jobs 2``: one run per category in OUT/<category>;
+    again with --resume nothing is redone; without, each existing run is refused."""
+    root = tmp_path / "mvtec"
+    for i, cat in enumerate(["bottle", "screw"]):
+        make_mvtec(root / cat, n_train=6, seed=i)
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(root), "--category", "bottle", "screw", "--epochs", "1"]
+    args += ["--image-size", "32", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    assert main([*args, "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    for cat in ("bottle", "screw"):
+        ckpt = load_checkpoint(out / cat / "checkpoint.pt")
+        assert ckpt["config"]["data"]["category"] == cat and ckpt["epoch"] == 1
+        assert f"checkpoint ({cat}):" in printed
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
+    assert main([*args, "--jobs", "2", "--resume"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert main(args) == 2
+    assert "2 of 2 categories failed" in capsys.readouterr().err
+    assert main([*args, "--nproc", "2"]) == 2
+    assert "one torchrun each" in capsys.readouterr().err

@@ -7,9 +7,18 @@ results = detector.predict(["part.png"])
 metrics = kdad.evaluate(ckpt, data="path/to/test_set")
 """
 
-from kdad.api import Detector, Prediction, evaluate, load, train
+from kdad.api import Detector, Prediction, evaluate, load, train, train_categories
 from kdad.config import RunConfig
 from kdad.errors import KdadError
 
 __version__ = "0.1.0"
-__all__ = ["Detector", "KdadError", "Prediction", "RunConfig", "evaluate", "load", "train"]
+__all__ = [
+    "Detector",
+    "KdadError",
+    "Prediction",
+    "RunConfig",
+    "evaluate",
+    "load",
+    "train",
+    "train_categories",
+]

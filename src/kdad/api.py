@@ -36,6 +36,47 @@ def train(
     return fit(cfg, resume=resume, progress=progress)
 
 
+def _train_one(kwargs: dict[str, Any]) -> Path:
+    return train(**kwargs)
+
+
+def train_categories(
+    categories: list[str],
+    jobs: int = 1,
+    *,
+    config: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Path]:
+    """Train one model per category of a dataset root, into OUT/<category>, ``jobs`` at a time
+    in separate processes. With ``resume`` each category continues its run (a finished one is
+    left as it is; one never started starts); without, an existing run is an error for that
+    category only. Returns each category's checkpoint; failures are raised together at the end."""
+    from kdad.engine.pool import run_parallel
+
+    base = load_config(config) if config else RunConfig()
+    base = apply_overrides(base, **overrides)
+    if not base.data.path:
+        raise KdadError("no training data: give data=PATH (--data)")
+    runs = []
+    for cat in categories:
+        out = Path(base.out) / cat
+        cfg = apply_overrides(RunConfig.from_dict(base.to_dict()), category=cat, out=out)
+        again = resume and (out / "checkpoint.pt").is_file()
+        runs.append({"cfg": cfg, "resume": again, "progress": progress and jobs == 1})
+    done, failed = run_parallel(
+        _train_one, runs, jobs, lambda r: f"{r['cfg'].data.category} ({r['cfg'].out})"
+    )
+    if failed:
+        first = min(failed)
+        raise KdadError(
+            f"{len(failed)} of {len(categories)} categories failed; "
+            f"first: {categories[first]}: {failed[first]}"
+        )
+    return {categories[i]: path for i, path in sorted(done.items())}
+
+
 def load(checkpoint: str | Path, device: str = "auto") -> Detector:
     """Load a trained checkpoint (file or run folder) as a Detector."""
     return Detector.load(checkpoint, device)
@@ -105,4 +146,4 @@ def evaluate(
     return result
 
 
-__all__ = ["Detector", "Prediction", "evaluate", "load", "train"]
+__all__ = ["Detector", "Prediction", "evaluate", "load", "train", "train_categories"]

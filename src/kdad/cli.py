@@ -23,14 +23,32 @@ def _metrics_table(metrics: dict[str, float | None]) -> str:
     return "\n".join(rows)
 
 
-def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _jobs_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"{what} trained at once in separate processes, the cores shared (1)",
+    )
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool, several: bool = False) -> None:
     p.add_argument("--data", required=required, help="dataset folder")
     p.add_argument(
         "--layout",
         choices=["auto", "mvtec", "folder", "mtd"],
         help="folder layout (default: detected)",
     )
-    p.add_argument("--category", help="MVTec category, when --data is the dataset root")
+    if several:
+        p.add_argument(
+            "--category",
+            nargs="+",
+            help="MVTec category, when --data is the dataset root; several: one run each, "
+            "in OUT/<category>",
+        )
+    else:
+        p.add_argument("--category", help="MVTec category, when --data is the dataset root")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -75,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
 
     t = sub.add_parser("train", help="train a model on good images")
-    _data_args(t, required=False)
+    _data_args(t, required=False, several=True)
+    _jobs_arg(t, "categories")
     t.add_argument("--model", help="method (default rd)")
     t.add_argument("--backbone", help="teacher (default efficientnet_lite0)")
     t.add_argument("--stages", nargs="+", help="teacher stages feeding distillation")
@@ -180,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
     b.add_argument("grid", help="grid YAML (see kdad.grid)")
     b.add_argument("--models", nargs="+", help="run only these models of the grid (by name)")
+    _jobs_arg(b, "runs")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -191,10 +211,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "train":
         overrides = {k: getattr(args, k) for k in OVERRIDES}  # every flag maps to a field
         overrides["options"] = dict(args.options) if args.options else None
-        ckpt = kdad.train(
-            config=args.config, resume=args.resume, progress=not args.no_progress, **overrides
-        )
-        print(f"checkpoint: {ckpt}")
+        cats = overrides.pop("category") or [None]
+        common = {"config": args.config, "resume": args.resume, "progress": not args.no_progress}
+        if len(cats) > 1:
+            for cat, ckpt in kdad.train_categories(cats, args.jobs, **common, **overrides).items():
+                print(f"checkpoint ({cat}): {ckpt}")
+        else:
+            print(f"checkpoint: {kdad.train(**common, category=cats[0], **overrides)}")
     elif args.verb == "test":
         ckpt = Path(args.checkpoint)
         out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent)
@@ -269,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "bench":
         from kdad.grid import run_grid
 
-        md, csv_path = run_grid(args.grid, not args.no_progress, args.models)
+        md, csv_path = run_grid(args.grid, not args.no_progress, args.models, args.jobs)
         print(md.read_text())
         print(f"tables: {md}, {csv_path}")
     return 0
@@ -287,10 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     from kdad.engine.distributed import current, launch, shutdown
 
     rank = current()
-    if getattr(args, "nproc", 1) > 1 and rank.world == 1:
-        return launch(args.nproc, _without_nproc(argv))
     prefix = "kdad" if rank.main else f"kdad[rank {rank.rank}]"
     try:
+        several = args.verb == "train" and len(args.category or []) > 1
+        if several and (args.nproc > 1 or rank.world > 1):
+            raise KdadError("data-parallel training takes one category: one torchrun each")
+        if getattr(args, "nproc", 1) > 1 and rank.world == 1:
+            return launch(args.nproc, _without_nproc(argv))
         if rank.main:
             return _run(args)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

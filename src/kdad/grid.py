@@ -4,6 +4,7 @@ summarised as a Markdown table and a CSV with mean +- std over seeds.
 A finished run (its metrics.json exists) is never redone, and an interrupted one resumes from
 its last epoch: running the same grid again completes it. ``--models`` runs only some rows
 first; the tables always hold every finished run, with the number of seeds each row averages.
+``--jobs N`` runs N runs at once in separate processes, the cores shared between them.
 
     out: runs/grid
     seeds: [0, 1, 2]
@@ -29,6 +30,7 @@ import yaml
 
 from kdad.config import OVERRIDES, RunConfig, apply_overrides
 from kdad.engine.checkpoint import load_checkpoint
+from kdad.engine.pool import run_parallel
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
 
@@ -213,25 +215,48 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     return md, path
 
 
+def _run(args: tuple[Job, dict[str, Any], bool]) -> dict[str, Any]:
+    return run_job(*args)
+
+
 def run_grid(
-    path: str | Path, progress: bool = True, models: list[str] | None = None
+    path: str | Path,
+    progress: bool = True,
+    models: list[str] | None = None,
+    jobs: int = 1,
 ) -> tuple[Path, Path]:
     """Run every job of the grid not yet finished (only those of ``models``, by name, when
-    given), then tabulate every finished run of the grid, whichever call ran it."""
+    given), ``jobs`` at a time in separate processes, then tabulate every finished run of the
+    grid, whichever call ran it. A run that fails (bad data, say) does not stop the others: the
+    tables are written, then the failures are raised together."""
     grid = load_grid(path)
     names = [m["name"] for m in grid.models]
     unknown = sorted(set(models or []) - set(names))
     if unknown:
         raise KdadError(f"{path}: no model {unknown[0]!r} in the grid; models: {', '.join(names)}")
-    results = {}
+    results, todo = {}, []
     for i, job in enumerate(grid.jobs):
-        model, data = job.row
-        if models and job.model["name"] not in models:
-            done = job.out / "metrics.json"
-            if done.is_file():
-                results[i] = json.loads(done.read_text())
-            continue
-        if progress:
-            print(f"[{i + 1}/{len(grid.jobs)}] {model} on {data}, seed {job.seed}: {job.out}")
-        results[i] = run_job(job, grid.train, progress)
-    return write_tables(summarise(grid, results), grid.out)
+        done = job.out / "metrics.json"
+        if done.is_file():
+            results[i] = json.loads(done.read_text())
+        elif not models or job.model["name"] in models:
+            todo.append(i)
+
+    def describe(args: tuple[Job, dict[str, Any], bool]) -> str:
+        model, data = args[0].row
+        return f"{model} on {data}, seed {args[0].seed} ({args[0].out})"
+
+    bars = progress and jobs == 1
+    ran, failed = run_parallel(
+        _run,
+        [(grid.jobs[i], grid.train, bars) for i in todo],
+        jobs,
+        describe,
+        print if progress else None,
+    )
+    results.update({todo[k]: r for k, r in ran.items()})
+    tables = write_tables(summarise(grid, results), grid.out)
+    if failed:
+        lines = [f"{grid.jobs[todo[k]].out}: {e}" for k, e in failed.items()]
+        raise KdadError(f"{len(failed)} of {len(todo)} runs failed; first: {lines[0]}")
+    return tables
