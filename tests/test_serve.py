@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -104,10 +105,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(trained: tuple[Path, Path]):
-    """The real `kdad serve` on loopback."""
+    """The real `kdad serve` on loopback, two worker processes."""
     port = _free_port()
+    cmd = [sys.executable, "-m", "kdad", "serve", "--model", str(trained[1])]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kdad", "serve", "--model", str(trained[1]), "--port", str(port)],
+        [*cmd, "--port", str(port), "--workers", "2"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -121,7 +123,7 @@ def server(trained: tuple[Path, Path]):
     else:
         proc.kill()
         pytest.fail("kdad serve did not come up")
-    yield url
+    yield url, proc.pid
     proc.terminate()
     proc.wait(10)
 
@@ -131,23 +133,49 @@ def _post(url: str, name: str, body: bytes) -> int:
     return httpx2.post(url + "/predict?images=false", files=files, timeout=60).status_code
 
 
-def test_real_server_answers_eight_concurrent_clients(trained, server: str) -> None:
+def test_real_server_answers_eight_concurrent_clients(trained, server) -> None:
     data, _ = trained
     files = sorted((data / "test").rglob("*.png"))
     bodies = [(f.name, f.read_bytes()) for f in files] * 5  # 40 requests
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda nb: _post(server, *nb), bodies))
+        codes = list(pool.map(lambda nb: _post(server[0], *nb), bodies))
     assert codes == [200] * len(bodies)
 
 
+def test_replicas_answer_alike(trained, server) -> None:
+    """Stateless: the 2-worker server (requests in parallel, so both workers answer) and a
+    separate in-process replica, fed the images in the opposite order, give identical answers,
+    overlay and mask PNGs included."""
+    data, export = trained
+    url, pid = server
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.is_file():
+        assert len(children.read_text().split()) >= 2  # uvicorn's worker processes
+    files = sorted((data / "test").rglob("*.png"))
+
+    def ask(f: Path) -> dict:
+        r = httpx2.post(url + "/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
+        assert r.status_code == 200
+        return r.json()
+
+    with ThreadPoolExecutor(4) as pool:
+        served = list(pool.map(ask, files * 2))
+    replica = TestClient(create_app(export, threads=max(1, (os.cpu_count() or 1) // 2)))
+    local = [
+        replica.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")}).json()
+        for f in reversed(files)
+    ][::-1]
+    assert served == local * 2
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
-def test_web_page_in_headless_chromium(trained, server: str) -> None:
+def test_web_page_in_headless_chromium(trained, server) -> None:
     data, _ = trained
     bad = sorted((data / "test" / "scratch").glob("*.png"))[0]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page()
-        page.goto(server + "/")
+        page.goto(server[0] + "/")
         page.wait_for_function("document.getElementById('model').textContent.includes('rd')")
         page.set_input_files("#file", str(bad))
         page.wait_for_function("document.body.dataset.done === '1'", timeout=30_000)

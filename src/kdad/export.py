@@ -176,12 +176,16 @@ class OnnxRunner:
         return dict(zip(OUTPUTS, self.session.run(None, {"images": images})))
 
 
-def load_runner(source: str | Path, device: str = "cpu") -> TorchRunner | OnnxRunner:
+def load_runner(
+    source: str | Path, device: str = "cpu", threads: int | None = None
+) -> TorchRunner | OnnxRunner:
     """An export folder (or its model.onnx) runs on onnxruntime; a checkpoint or run folder
-    on PyTorch."""
+    on PyTorch (which then uses ``threads`` threads in this process)."""
     p = Path(source)
     if not p.exists():
         raise KdadError(f"{p}: no such model (a checkpoint, run folder or export folder)")
     if p.suffix == ".onnx" or (p / "kdad.json").is_file():
-        return OnnxRunner(p)
+        return OnnxRunner(p, threads)
+    if threads:
+        torch.set_num_threads(threads)
     return TorchRunner(p, device)

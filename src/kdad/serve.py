@@ -74,9 +74,11 @@ def create_app(
     model: str | Path,
     max_bytes: int = 20 * 2**20,
     max_pixels: int = 50_000_000,
+    threads: int | None = None,
 ) -> FastAPI:
-    """The service around one model: an ONNX export (onnxruntime) or a checkpoint (PyTorch)."""
-    runner = load_runner(model)
+    """The service around one model: an ONNX export (onnxruntime) or a checkpoint (PyTorch),
+    run with ``threads`` threads (None: the runtime's default, every core)."""
+    runner = load_runner(model, threads=threads)
     cal = runner.calibration
     app = FastAPI(
         title="kdad",
@@ -134,16 +136,20 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """The app for ``uvicorn --factory`` worker processes: model from $KDAD_SERVE_MODEL."""
-    return create_app(os.environ["KDAD_SERVE_MODEL"])
+    """The app for ``uvicorn --factory`` worker processes: model from $KDAD_SERVE_MODEL, its
+    share of the cores from $KDAD_SERVE_THREADS."""
+    threads = int(os.environ.get("KDAD_SERVE_THREADS", 0)) or None
+    return create_app(os.environ["KDAD_SERVE_MODEL"], threads=threads)
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Run the service with uvicorn (``workers`` processes, each loading the model)."""
+    """Run the service with uvicorn: ``workers`` processes, each loading the model and using
+    ``cores // workers`` threads, all accepting on one port."""
     import uvicorn
 
     if workers > 1:
         os.environ["KDAD_SERVE_MODEL"] = str(Path(model).resolve())
+        os.environ["KDAD_SERVE_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
         load_runner(model)  # fail here, once, rather than in every worker
         uvicorn.run("kdad.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
     else:
