@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import make_mvtec
 
 from kdad.errors import KdadError
 from kdad.models import build_model
@@ -67,3 +70,19 @@ def test_bad_defect_options_are_refused() -> None:
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "dtd"})
     with pytest.raises(KdadError, match="needs ddpm_samples"):
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "ddpm"})
+
+
+def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -> None:
+    """best.pt and its calibration never come from the student phase, whose head is untrained."""
+    import kdad
+    from kdad.engine.checkpoint import load_checkpoint
+
+    data = make_mvtec(tmp_path / "data", n_train=10)
+    run = tmp_path / "run"
+    kdad.train(
+        data=data, model="dest_ddpm", epochs=4, batch_size=4, image_size=32, val_every=1,
+        out=run, progress=False,
+    )  # fmt: skip
+    history = load_checkpoint(run / "checkpoint.pt")["history"]
+    assert [h["epoch"] for h in history if "val" in h] == [3, 4]
+    assert load_checkpoint(run / "best.pt")["best"]["epoch"] in (3, 4)

@@ -210,7 +210,8 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             "calibration": None,
             "holdout": holdout,
         }
-        if val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+        due = (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs
+        if val is not None and due and model.scoring:
             ev = evaluate_model(model, val, t.batch_size)
             entry["val"] = ev.metrics()
             good = ev.labels == 0  # the held-out good images as they are

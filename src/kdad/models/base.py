@@ -31,6 +31,12 @@ class KDModel(nn.Module):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the training loop before each epoch (0-based): for phased training."""
 
+    @property
+    def scoring(self) -> bool:
+        """Whether eval output is already the model's own (a phased model's scoring part may
+        not have trained yet): validation, calibration and best.pt only count such epochs."""
+        return True
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: everything but the frozen ``teacher``, in one group."""
         return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]

@@ -85,6 +85,11 @@ class DeSTDDPM(KDModel):
         epoch: a one-epoch run trains the student only)."""
         self.seg_phase = epoch >= max(1, round(self.opt.student_share * epochs))
 
+    @property
+    def scoring(self) -> bool:
+        """Only the segmentation phase's epochs score: before it the head is untrained."""
+        return self.seg_phase
+
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)
         if self.seg_phase:  # the frozen student keeps its BatchNorm statistics
