@@ -26,6 +26,7 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
+from kdad.engine.pool import cores_per
 from kdad.export import load_runner
 from kdad.outputs import find_instances, heatmap_overlay, upsample_map
 
@@ -149,7 +150,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers:
 
     if workers > 1:
         os.environ["KDAD_SERVE_MODEL"] = str(Path(model).resolve())
-        os.environ["KDAD_SERVE_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["KDAD_SERVE_THREADS"] = str(cores_per(workers))
         load_runner(model)  # fail here, once, rather than in every worker
         uvicorn.run("kdad.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
     else:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
+from kdad.engine.pool import cores_per
 from kdad.errors import KdadError
 
 
@@ -117,7 +118,8 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
 
 
 def _to_cpu_sync(module: nn.Module) -> nn.Module:
-    """``module`` with every BatchNorm2d replaced by a CPUSyncBatchNorm sharing its tensors."""
+    """``module`` with every BatchNorm2d replaced by a CPUSyncBatchNorm holding a copy of its
+    parameters and buffers (convert before building the optimiser)."""
     if type(module) is nn.BatchNorm2d:
         like = next(t for t in (module.weight, module.running_mean) if t is not None)
         new = CPUSyncBatchNorm(
@@ -150,7 +152,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     if nproc < 1:
         raise KdadError(f"--nproc must be at least 1, got {nproc}")
     if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(cores_per(nproc))
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "-m", "kdad", *argv]
     )

@@ -8,7 +8,6 @@ progress and writing checkpoints."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from kdad.data.dataset import ImageDataset, SyntheticTrainSet, SyntheticValidati
 from kdad.data.layouts import Sample, find_samples, split_holdout
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdad.engine.distributed import Rank, broadcast, ensure_group, sync_batchnorm
+from kdad.engine.distributed import Rank, broadcast, current, ensure_group, sync_batchnorm
 from kdad.engine.evaluate import evaluate_model
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
@@ -34,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
     """ "auto" is a CUDA GPU when there is one (the rank's own under torchrun), else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", current().local)
         return torch.device("cpu")
     try:
         dev = torch.device(name)

@@ -16,6 +16,11 @@ import torch
 from kdad.errors import KdadError
 
 
+def cores_per(n: int) -> int:
+    """Each of ``n`` processes' share of this machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // n)
+
+
 def _limit_threads(threads: int) -> None:
     """Worker start-up: this worker's share of the cores."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -62,7 +67,7 @@ def run_parallel(
         for i, item in enumerate(items):
             record(i, *_call(fn, item))
         return results, errors
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = cores_per(jobs)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, ctx, _limit_threads, (threads,)) as pool:
         index = {pool.submit(_call, fn, item): i for i, item in enumerate(items)}
