@@ -16,6 +16,7 @@ from conftest import make_mvtec
 from kdad.config import DataConfig, RunConfig
 from kdad.data.dataset import SyntheticTrainSet, read_bank
 from kdad.data.io import read_image, read_mask
+from kdad.engine.diffusion import paint_changed
 from kdad.engine.fit import datasets, training_samples
 from kdad.errors import KdadError
 from kdad.models.ddpm import DDPM, DDPMOptions
@@ -60,6 +61,20 @@ def test_paint_changes_only_the_mask_and_is_seeded() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[~inside], x0[~inside])
     assert (a[inside] - x0[inside]).abs().mean() > 0.05 and a.abs().max() <= 1
+
+
+def test_defect_masks_are_the_pixels_painting_changed() -> None:
+    torch.manual_seed(0)
+    model = DDPM(DDPMOptions(image_size=16, channels=1, width=16, levels=2)).eval()
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    painted, masks = paint_changed(model, x0, rng, gen, 0.1, 0.5, 5, 0.1)
+    change = (painted - x0).abs() / 2  # share of the value range
+    assert masks.flatten(1).sum(1).min() > 0  # never empty
+    assert torch.equal(masks > 0, change > 0.1)  # exactly the pixels changed by more than 0.1
+    assert (change[masks == 0] > 0).any()  # some painted pixels changed too little: not defect
+    with pytest.raises(KdadError, match="raise --sigma"):
+        paint_changed(model, x0, rng, gen, 0.1, 0.5, 5, 1.0)  # no pixel can change that much
 
 
 def test_synth_train_and_sample_write_an_mvtec_folder(tmp_path: Path) -> None:

@@ -190,9 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--out", required=True, help="folder for images, masks, synthetic.csv")
     ss.add_argument("--count", type=int, default=200)
     ss.add_argument("--data", help="dataset (default: the one the DDPM learned)")
-    ss.add_argument("--strength", type=float, default=0.5, help="diffusion depth, 0-1 (0.5)")
-    ss.add_argument("--sigma", type=float, default=0.5, help="perturbation std (0.5)")
+    ss.add_argument("--strength", type=float, default=0.1, help="diffusion depth, 0-1 (0.1)")
+    ss.add_argument("--sigma", type=float, default=2.0, help="perturbation std (2.0)")
     ss.add_argument("--steps", type=int, default=25, help="denoising steps (25)")
+    ss.add_argument(
+        "--min-change",
+        type=float,
+        default=8 / 255,
+        help="a painted pixel is defect when it changed by more than this share of the range",
+    )
     ss.add_argument("--seed", type=int, default=0)
     ss.add_argument("--no-progress", action="store_true")
 
@@ -286,6 +292,7 @@ def _run(args: argparse.Namespace) -> int:
             args.sigma,
             args.steps,
             args.seed,
+            min_change=args.min_change,
             progress=not args.no_progress,
         )
         print(f"defects: {out / 'synthetic.csv'}\ngallery: {synthetic_gallery(out)}")

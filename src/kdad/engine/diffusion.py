@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 from tqdm import tqdm
 
 from kdad.config import DataConfig
@@ -107,21 +108,61 @@ def load_ddpm(path: str | Path) -> tuple[DDPM, dict[str, Any]]:
     return model.eval(), state["config"]
 
 
+_REDRAWS = 10
+
+
+def paint_changed(
+    model: DDPM,
+    x0: Tensor,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    strength: float,
+    sigma: float,
+    steps: int,
+    min_change: float,
+) -> tuple[Tensor, Tensor]:
+    """Paint Perlin regions of (B, C, S, S) images in [-1, 1]: (painted, masks (B, 1, S, S)),
+    each mask the region's pixels that changed by more than ``min_change`` and never empty."""
+    size = x0.shape[-1]
+    painted, masks = x0.clone(), torch.zeros(len(x0), 1, size, size)
+    todo = torch.arange(len(x0))
+    for _ in range(_REDRAWS):
+        region = torch.from_numpy(np.stack([perlin_mask(size, rng) for _ in todo]))[:, None]
+        out = model.paint(x0[todo], region.float(), strength, sigma, steps, gen)
+        changed = region & ((out - x0[todo]).abs().amax(1, keepdim=True) / 2 > min_change)
+        painted[todo], masks[todo] = out, changed.float()
+        todo = todo[changed.flatten(1).sum(1) == 0]
+        if not len(todo):
+            return painted, masks
+    raise KdadError(
+        f"painting changed no pixel by more than {min_change:.3f} in {_REDRAWS} Perlin regions "
+        "of one image: raise --sigma or lower --strength"
+    )
+
+
 def sample_defects(
     model_path: str | Path,
     out: str | Path,
     count: int,
     data: str | None = None,
-    strength: float = 0.5,
-    sigma: float = 0.5,
+    strength: float = 0.1,
+    sigma: float = 2.0,
     steps: int = 25,
     seed: int = 0,
     batch_size: int = 16,
+    min_change: float = 8 / 255,
     progress: bool = True,
 ) -> Path:
     """Paint ``count`` defects on good training images (cycled in a seeded order) and write
     them at each source's resolution: ``out``/test/ddpm/NNNN.png, ``out``/ground_truth/ddpm/
-    NNNN_mask.png and ``out``/synthetic.csv (image, mask, source), written last."""
+    NNNN_mask.png and ``out``/synthetic.csv (image, mask, source), written last.
+
+    A defect's mask is the part of its Perlin region that painting changed by more than
+    ``min_change`` (of the value range): a DDPM of a few images repaints much of a region as it
+    was (saturated or black background, memorised content), and labelling that as defect would
+    teach a segmentation head noise. Only the masked pixels are pasted; a region left wholly
+    unchanged is drawn again (at most ``_REDRAWS`` times).
+    """
     model, cfg = load_ddpm(model_path)
     dc = DataConfig(**cfg["data"])
     if data:
@@ -140,8 +181,7 @@ def sample_defects(
     for start in tqdm(range(0, count, batch_size), disable=not progress, unit="batch"):
         idx = [int(order[i % len(order)]) for i in range(start, min(start + batch_size, count))]
         x0 = torch.stack([_load(samples[i].path, size, ch) for i in idx])  # (B, ch, S, S)
-        masks = torch.from_numpy(np.stack([perlin_mask(size, rng) for _ in idx]))[:, None].float()
-        painted = model.paint(x0, masks, strength, sigma, steps, gen)
+        painted, masks = paint_changed(model, x0, rng, gen, strength, sigma, steps, min_change)
         for k, i in enumerate(idx):
             n = start + k
             src = read_image(samples[i].path)  # (H, W, 3) original resolution
