@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_mvtec
 
+from kdad.data.layouts import KdadWarning
 from kdad.errors import KdadError
 from kdad.models import build_model
 
@@ -72,6 +73,13 @@ def test_bad_defect_options_are_refused() -> None:
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "ddpm"})
 
 
+def test_too_few_head_steps_warn() -> None:
+    model = build_model("dest_ddpm", "resnet18", pretrained=False)
+    assert model.budget_warning(10, 20) is None  # 10 of 20 epochs of 10 steps: 100 head steps
+    assert "gets 90 optimiser steps" in model.budget_warning(10, 19)
+    assert build_model("rd", "resnet18", pretrained=False).budget_warning(1, 1) is None
+
+
 def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -> None:
     """best.pt and its calibration never come from the student phase, whose head is untrained."""
     import kdad
@@ -79,10 +87,11 @@ def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -
 
     data = make_mvtec(tmp_path / "data", n_train=10)
     run = tmp_path / "run"
-    kdad.train(
-        data=data, model="dest_ddpm", epochs=4, batch_size=4, image_size=32, val_every=1,
-        out=run, progress=False,
-    )  # fmt: skip
+    with pytest.warns(KdadWarning, match="head gets 4 optimiser steps"):
+        kdad.train(
+            data=data, model="dest_ddpm", epochs=4, batch_size=4, image_size=32, val_every=1,
+            out=run, progress=False,
+        )  # fmt: skip
     history = load_checkpoint(run / "checkpoint.pt")["history"]
     assert [h["epoch"] for h in history if "val" in h] == [3, 4]
     assert load_checkpoint(run / "best.pt")["best"]["epoch"] in (3, 4)

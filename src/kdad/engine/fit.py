@@ -9,6 +9,7 @@ progress and writing checkpoints."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from kdad.backbones import get_spec
 from kdad.config import DataConfig, RunConfig, save_config
 from kdad.data.dataset import ImageDataset, SyntheticTrainSet, SyntheticValidationSet, read_bank
-from kdad.data.layouts import Sample, find_samples, split_holdout
+from kdad.data.layouts import KdadWarning, Sample, find_samples, split_holdout
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import Rank, broadcast, current, ensure_group, sync_batchnorm
@@ -170,6 +171,8 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     holdout = [str(s.path) for s in val.samples] if val else []
 
     steps = len(_loader(ds, cfg, 0, r))
+    if r.main and (message := model.budget_warning(steps, t.epochs)):
+        warnings.warn(message, KdadWarning, stacklevel=2)
     bar = tqdm(
         total=t.epochs * steps,
         initial=start * steps,

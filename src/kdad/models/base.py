@@ -37,6 +37,11 @@ class KDModel(nn.Module):
         not have trained yet): validation, calibration and best.pt only count such epochs."""
         return True
 
+    def budget_warning(self, steps_per_epoch: int, epochs: int) -> str | None:
+        """A warning when ``epochs`` of ``steps_per_epoch`` optimiser steps are too few for
+        this model to learn, else None."""
+        return None
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: everything but the frozen ``teacher``, in one group."""
         return [{"params": [p for n, p in self.named_parameters() if not n.startswith("teacher.")]}]
