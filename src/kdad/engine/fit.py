@@ -25,6 +25,7 @@ from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import Rank, broadcast, current, ensure_group, sync_batchnorm
 from kdad.engine.evaluate import evaluate_model
+from kdad.engine.lock import run_lock
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
 from kdad.models import MODELS, KDModel, build_model
@@ -113,8 +114,16 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     ``checkpoint.pt`` (the last epoch, also the one that ``resume`` continues).
 
     An existing run folder is never overwritten: continue it with ``resume=True`` (its saved
-    config wins, except that ``train.epochs`` may be raised) or choose another ``out``.
+    config wins, except that ``train.epochs`` may be raised) or choose another ``out``. While
+    training, the folder is locked (rank 0 holds it): a second process is refused.
     """
+    if not current().main:
+        return _fit(cfg, resume, progress)
+    with run_lock(Path(cfg.out)):
+        return _fit(cfg, resume, progress)
+
+
+def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     state = None
