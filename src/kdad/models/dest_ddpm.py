@@ -82,15 +82,19 @@ class DeSTDDPM(KDModel):
         for part in (self.bottleneck, self.decoder, self.head):
             kaiming_init(part)
 
+    def head_start(self, epochs: int) -> int:
+        """The first epoch of phase two (phase one has at least one epoch: a one-epoch run
+        trains the student only)."""
+        return max(1, round(self.opt.student_share * epochs))
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Phase one trains the student, phase two the head alone (phase one has at least one
-        epoch: a one-epoch run trains the student only)."""
-        self.seg_phase = epoch >= max(1, round(self.opt.student_share * epochs))
+        """Phase one trains the student, phase two the head alone."""
+        self.seg_phase = epoch >= self.head_start(epochs)
 
     def budget_warning(self, steps_per_epoch: int, epochs: int) -> str | None:
         """Too few head steps: on battery-weld the head had learnt nothing after 40 steps and
         found the validation defects after 60 (DeSTSeg trains it 4000)."""
-        head = (epochs - max(1, round(self.opt.student_share * epochs))) * steps_per_epoch
+        head = (epochs - self.head_start(epochs)) * steps_per_epoch
         if head >= MIN_HEAD_STEPS:
             return None
         return (
