@@ -272,3 +272,34 @@ def test_mtd_layout_trains_without_split_flag(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert res["counts"]["images"] == 5 and res["protocol"]["layout"] == "mtd"
     assert res["protocol"]["split"].startswith("DifferNet split")
+
+
+def test_predict_walks_nested_folders_keeping_relative_names(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "d")
+    train_one_epoch(data, tmp_path / "r")
+    tree = tmp_path / "line"
+    rng = np.random.default_rng(3)
+    save(tree / "day2" / "cam1" / "001.png", texture(rng))
+    save(tree / "day1" / "cam1" / "001.png", texture(rng))
+    save(tree / "day1" / "cam2" / "001.png", texture(rng)[:, :, 0])
+    save(tree / "day1" / "001.png", texture(rng, 48))
+    save(tree / "day1" / ".thumbs" / "001.png", texture(rng))  # hidden: not an input
+    (tree / "day1" / "cam2" / "notes.txt").write_text("not an image")
+    (tree / "day1" / "cam2" / "002.png").write_bytes(b"\x89PNG garbage")
+    out = tree / "pred"  # inside the input tree: its heatmaps are never inputs
+    kdad_cli("predict", "--checkpoint", str(tmp_path / "r"), str(tree), "--out", str(out))
+    want = ["day1/001", "day1/cam1/001", "day1/cam2/001", "day1/cam2/002", "day2/cam1/001"]
+    rows = read_csv(out / "predictions.csv")
+    assert [str(Path(r["path"]).relative_to(tree).with_suffix("")) for r in rows] == want
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [x["path"] for x in lines] == [r["path"] for r in rows]
+    assert rows[3]["error"] and not rows[3]["heatmap"]  # unreadable: a line, no files
+    ok = [r for r in rows if not r["error"]]
+    assert [r["heatmap"] for r in ok] == [f"heatmaps/{n}.png" for n in want if n != want[3]]
+    assert [r["mask"] for r in ok] == [f"masks/{n}.png" for n in want if n != want[3]]
+    assert [x["heatmap"] for x in lines] == [r["heatmap"] for r in rows]
+    for r in ok:  # each its own file, at its own image's size
+        assert Image.open(out / r["heatmap"]).size == Image.open(r["path"]).size
+    assert len({Image.open(out / r["heatmap"]).tobytes() for r in ok}) == len(ok)
+    again = kdad_cli("predict", "--checkpoint", str(tmp_path / "r"), str(tree), "--out", str(out))
+    assert len(read_csv(out / "predictions.csv")) == len(rows), again.stderr

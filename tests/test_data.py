@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from kdad.data.layouts import (
     split_holdout,
 )
 from kdad.errors import KdadError
+from kdad.outputs import unique_names
 
 
 @pytest.mark.parametrize("ext", ["png", "jpg", "bmp", "tif"])
@@ -130,6 +131,22 @@ def test_empty_and_unknown_folders_are_errors(tmp_path: Path) -> None:
         find_samples(tmp_path / "missing", "train")
     with pytest.raises(KdadError, match="no images found"):
         collect_images([tmp_path / "empty"])
+
+
+def test_collected_names_are_relative_sorted_and_unique(tmp_path: Path) -> None:
+    img = texture(np.random.default_rng(0))
+    for rel in ["b/001.png", "a/x/001.png", "a/001.jpg", "a/001.png", "a/.hid/001.png", "0.png"]:
+        save(tmp_path / "in" / rel, img)
+    (tmp_path / "in" / "a" / "readme.txt").write_text("skip me")
+    save(tmp_path / "in" / "out" / "heat.png", img)  # the output folder: skipped
+    save(tmp_path / "solo.png", img)
+    found = collect_images([tmp_path / "in", tmp_path / "solo.png"], exclude=tmp_path / "in/out")
+    names = [str(n) for _, n in found]
+    assert names == ["0.png", "a/001.jpg", "a/001.png", "a/x/001.png", "b/001.png", "solo.png"]
+    assert all(p.is_file() for p, _ in found)
+    unique = unique_names([n for _, n in found])
+    assert unique == ["0", "a/001", "a/001_1", "a/x/001", "b/001", "solo"]
+    assert unique_names([PurePosixPath("a.png")] * 3) == ["a", "a_1", "a_2"]
 
 
 def test_dataset_resizes_and_normalises(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from kdad.outputs import (
     PredictionWriter,
     find_instances,
     merge_shards,
-    unique_stems,
+    unique_names,
     upsample_map,
 )
 
@@ -155,16 +155,19 @@ class Detector:
     def predict_files(
         self, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 16
     ) -> Path:
-        """Score image files and folders, streaming: OUT/predictions.csv and .jsonl, and per
-        image OUT/heatmaps/*.png and OUT/masks/*.png at the original resolution.
+        """Score image files and folders (searched recursively, in sorted order), streaming:
+        OUT/predictions.csv and .jsonl, and per image OUT/heatmaps/NAME.png and OUT/masks/NAME.png
+        at the original resolution, NAME being its path relative to the folder named
+        (``day1/cam2/001``), so equal file names in two subfolders never overwrite each other.
 
         An unreadable image gets a line with its error and a warning; the run goes on. Under
         torchrun each rank scores every world-th input; rank 0 then merges the ranks' lines in
         input order (every input exactly once). Several nodes need OUT on a shared filesystem.
         """
         out = Path(out)
-        paths = collect_images(list(inputs))
-        stems = unique_stems(paths)
+        found = collect_images(list(inputs), exclude=out)
+        paths = [p for p, _ in found]
+        stems = unique_names([name for _, name in found])
         r = ensure_group(self.device)
         mine = list(range(r.rank, len(paths), r.world))
         writer = PredictionWriter(out, shard=r.rank if r.world > 1 else None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -72,18 +72,21 @@ class ImageResult:
     error: str = ""
 
 
-def unique_stems(paths: list[Path]) -> list[str]:
-    """A distinct file stem for each path, in order (images of the same name in two folders get
-    ``_1``, ``_2``...): the same list on every rank, so ranks never write the same file."""
+def unique_names(names: list[PurePosixPath]) -> list[str]:
+    """A distinct output name for each input's relative name, in order, without its suffix
+    (``good/001.png`` -> ``good/001``); a name taken twice (``a.png`` and ``a.jpg``, or two named
+    folders holding the same file) gets ``_1``, ``_2``...: the same list on every rank, so ranks
+    never write the same file."""
     used: set[str] = set()
-    stems = []
-    for path in paths:
-        stem, k = path.stem, 1
+    out = []
+    for name in names:
+        base = str(name.with_suffix(""))
+        stem, k = base, 1
         while stem in used:
-            stem, k = f"{path.stem}_{k}", k + 1
+            stem, k = f"{base}_{k}", k + 1
         used.add(stem)
-        stems.append(stem)
-    return stems
+        out.append(stem)
+    return out
 
 
 class PredictionWriter:
@@ -131,12 +134,15 @@ class PredictionWriter:
         mask: np.ndarray | None = None,
     ) -> None:
         """Save the overlay of ``heat`` and the binary ``mask`` (original resolution) as
-        ``stem``.png if given, then the result's lines (``index``: its place among the inputs)."""
+        ``stem``.png if given (``stem`` may hold subfolders, made as needed), then the result's
+        lines (``index``: its place among the inputs)."""
         if image is not None and heat is not None:
             result.heatmap = f"heatmaps/{stem}.png"
+            _parent(self.out / result.heatmap)
             heatmap_overlay(image, heat).save(self.out / result.heatmap)
         if mask is not None:
             result.mask = f"masks/{stem}.png"
+            _parent(self.out / result.mask)
             Image.fromarray(mask.astype(np.uint8) * 255).save(self.out / result.mask)
         if self.sharded:
             self._shard.write(json.dumps({"index": index, **asdict(result)}) + "\n")
@@ -162,6 +168,11 @@ class PredictionWriter:
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+
+def _parent(path: Path) -> None:
+    """Make the folder that ``path`` goes in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def shard_path(out: Path, rank: int) -> Path:

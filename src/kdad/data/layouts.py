@@ -7,10 +7,11 @@ an empty folder or an unknown layout is an error.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -189,20 +190,39 @@ def find_samples(
     return samples
 
 
-def collect_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files named directly or found (sorted, not recursively) in named folders."""
-    paths: list[Path] = []
+def _images_below(folder: Path, exclude: Path | None) -> list[Path]:
+    """Image files anywhere below ``folder``, hidden files and folders and ``exclude`` (e.g. the
+    output folder) skipped, in sorted order of their path relative to ``folder``."""
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and (exclude is None or Path(top, d).resolve() != exclude)
+        )
+        found += [p for name in sorted(files) if is_image_file(p := Path(top, name))]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def collect_images(
+    inputs: list[str | Path], exclude: str | Path | None = None
+) -> list[tuple[Path, PurePosixPath]]:
+    """Image files named directly or found, recursively, in named folders, each with its name
+    relative to the folder named (``day1/cam2/001.png``; a file named directly: its own name).
+    Folders are walked in sorted order, and ``exclude`` (a folder, e.g. the output) is skipped."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found: list[tuple[Path, PurePosixPath]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = _images(item)
-            if not found:
-                raise KdadError(f"{item}: no images found")
-            paths += found
+            images = _images_below(item, skip)
+            if not images:
+                raise KdadError(f"{item}: no images found (searched its subfolders too)")
+            found += [(p, PurePosixPath(*p.relative_to(item).parts)) for p in images]
         elif item.is_file():
-            paths.append(item)
+            found.append((item, PurePosixPath(item.name)))
         else:
             raise KdadError(f"{item}: no such file or folder")
-    return paths
+    return found
 
 
 def split_holdout(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
