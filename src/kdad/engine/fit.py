@@ -8,6 +8,7 @@ progress and writing checkpoints."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +27,13 @@ from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import Rank, broadcast, current, ensure_group, sync_batchnorm
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.lock import run_lock
+from kdad.engine.schedule import (
+    eta_message,
+    plan_message,
+    should_stop,
+    stop_message,
+    validation_interval,
+)
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
 from kdad.models import MODELS, KDModel, build_model
@@ -108,6 +116,27 @@ def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int, r: Rank) -> DataLoader
     )
 
 
+class _Pace:
+    """Times the optimiser steps and, once ``WARMUP + MEASURED`` have run, says once how long
+    the rest should take (the first steps are slower: allocation, caches)."""
+
+    WARMUP, MEASURED = 1, 5
+
+    def __init__(self, steps_per_epoch: int, steps_left: int) -> None:
+        self.per_epoch, self.left, self.done = steps_per_epoch, steps_left, 0
+        self.tic = time.perf_counter()
+
+    def step(self) -> str | None:
+        """Count one step; the expected-time line when it is due, else None."""
+        self.done += 1
+        if self.done == self.WARMUP:
+            self.tic = time.perf_counter()
+        if self.done != self.WARMUP + self.MEASURED:
+            return None
+        pace = (time.perf_counter() - self.tic) / self.MEASURED
+        return eta_message(pace, self.left - self.done, self.per_epoch)
+
+
 def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` into ``cfg.out``; returns the checkpoint to use: ``best.pt`` (the epoch
     scoring best on the synthetic validation set) when images were held out, else
@@ -137,8 +166,10 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     elif ckpt_path.exists():
         raise KdadError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
     t = cfg.train
-    if t.epochs < 1 or t.batch_size < 1 or t.val_every < 1:
-        raise KdadError("epochs, batch size and val_every must be at least 1")
+    if t.epochs < 1 or t.batch_size < 1 or t.val_every < 0 or t.patience < 0:
+        raise KdadError(
+            "epochs and batch size must be at least 1, val_every and patience at least 0"
+        )
     if t.select not in METRIC_NAMES:
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
@@ -180,8 +211,15 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     holdout = [str(s.path) for s in val.samples] if val else []
 
     steps = len(_loader(ds, cfg, 0, r))
+    every = validation_interval(t.val_every, steps)
     if r.main and (message := model.budget_warning(steps, t.epochs)):
         warnings.warn(message, KdadWarning, stacklevel=2)
+    say = progress and r.main
+    if say:
+        held = len(val.samples) if val else 0
+        plan = (cfg.model.name, len(ds), held, t.epochs, steps, every, t.patience, t.select)
+        tqdm.write(plan_message(*plan), file=sys.stderr)
+    pace = _Pace(steps, t.epochs * steps - start * steps)
     bar = tqdm(
         total=t.epochs * steps,
         initial=start * steps,
@@ -190,6 +228,8 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         dynamic_ncols=True,
     )
     for epoch in range(start, t.epochs):
+        if should_stop(history, best, t.patience):
+            break  # a resumed run that had already stopped early
         model.start_epoch(epoch, t.epochs)
         if isinstance(ds, SyntheticTrainSet):
             ds.set_epoch(epoch)
@@ -205,6 +245,8 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
             sums += torch.tensor([parts["loss"].item() * len(batch["image"]), len(batch["image"])])
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
+            if (message := pace.step()) and say:
+                tqdm.write(message, file=sys.stderr)
         if r.world > 1:
             torch.distributed.all_reduce(sums)
         entry = {
@@ -213,6 +255,8 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
             "seconds": time.perf_counter() - tic,
         }
         if not r.main:
+            if broadcast(False):  # rank 0's decision to stop early
+                break
             continue
         state = {
             "config": cfg.to_dict(),
@@ -221,7 +265,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
             "calibration": None,
             "holdout": holdout,
         }
-        due = (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs
+        due = (epoch + 1) % every == 0 or epoch + 1 == t.epochs
         if val is not None and due and model.scoring:
             ev = evaluate_model(model, val, t.batch_size)
             entry["val"] = ev.metrics()
@@ -238,8 +282,15 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
                 )
             bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", **{f"val_{t.select}": value})
         history.append(entry)
+        stop = broadcast(should_stop(history, best, t.patience))
+        if stop:
+            entry["stopped_early"] = True
         save_checkpoint(
             ckpt_path, {**state, "history": history, "best": best, "optimizer": opt.state_dict()}
         )
+        if stop:
+            if say:
+                tqdm.write(stop_message(epoch + 1, history, best), file=sys.stderr)
+            break
     bar.close()
     return broadcast(out / "best.pt" if best else ckpt_path)

@@ -1,0 +1,76 @@
+"""The training schedule sized for a CPU: how often to validate, when to stop, and what to
+tell the user about it (the plan at the start, the expected time after a few steps)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
+
+
+def validation_interval(val_every: int, steps_per_epoch: int) -> int:
+    """Epochs between validations: ``val_every`` when set, else (0) every epoch when an epoch
+    has ``VAL_STEPS`` steps or more, or as many epochs as make ``VAL_STEPS`` steps (a small set,
+    two steps an epoch, validates every 20 epochs: patience then means the same work anywhere)."""
+    return val_every or max(1, math.ceil(VAL_STEPS / max(steps_per_epoch, 1)))
+
+
+def stale_validations(history: list[dict[str, Any]], best: dict[str, Any] | None) -> int:
+    """Validations since the best one (all of them when none has been best yet)."""
+    since = best["epoch"] if best else 0
+    return sum(1 for e in history if "val" in e and e["epoch"] > since)
+
+
+def should_stop(history: list[dict[str, Any]], best: dict[str, Any] | None, patience: int) -> bool:
+    """True once ``patience`` validations in a row have not beaten the best (never when 0)."""
+    return patience > 0 and stale_validations(history, best) >= patience
+
+
+def stop_message(epoch: int, history: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    """Why training ended at ``epoch``."""
+    text = f"kdad: stopped early after epoch {epoch}: {stale_validations(history, best)} "
+    if best is None:
+        return text + "validations, none scored"
+    return text + (
+        f"validations without a better {best['metric']} (best {best['value']:.4f} at epoch "
+        f"{best['epoch']}, kept as best.pt)"
+    )
+
+
+def duration(seconds: float) -> str:
+    """``3h05m``, ``12m40s`` or ``45s``."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def plan_message(
+    model: str,
+    images: int,
+    held: int,
+    epochs: int,
+    steps: int,
+    every: int,
+    patience: int,
+    select: str,
+) -> str:
+    """What a run is about to do, in one line."""
+    text = f"kdad: {model} on {images} images: at most {epochs} epochs x {steps} steps = "
+    text += f"{epochs * steps} steps"
+    if not held:
+        return text + "; no held-out images: no validation, no early stopping"
+    text += f"; validation on {held} held-out images every {every} epoch{'s' * (every > 1)}"
+    if patience:
+        text += f", stopping after {patience} without a better {select}"
+    return text
+
+
+def eta_message(seconds_per_step: float, steps_left: int, steps_per_epoch: int) -> str:
+    """The expected time, from the pace measured so far."""
+    return (
+        f"kdad: {seconds_per_step:.2f} s a step, {duration(seconds_per_step * steps_per_epoch)} "
+        f"an epoch: at most {duration(seconds_per_step * steps_left)} more, plus validations "
+        "(early stopping usually ends sooner)"
+    )
