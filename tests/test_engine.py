@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from kdad.config import RunConfig, apply_overrides
 from kdad.data.layouts import find_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.fit import fit
+from kdad.engine.schedule import should_stop, stale_validations, validation_interval
 from kdad.errors import KdadError
 
 
@@ -132,3 +134,48 @@ def test_relative_data_path_is_stored_absolute(mvtec: Path, tmp_path: Path, monk
     fit(cfg, progress=False)
     saved = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]["data"]["path"]
     assert saved == str(mvtec.resolve())  # testable and resumable from any folder
+
+
+def test_validation_interval_and_stopping_rule() -> None:
+    assert validation_interval(3, 2) == 3  # set: as given
+    assert [validation_interval(0, s) for s in (1, 2, 39, 40, 43, 500)] == [40, 20, 2, 1, 1, 1]
+    vals = [0.1, 0.3, 0.2, 0.3, 0.25]  # epochs 1-5; the best is epoch 2 (a tie is no better)
+    history = [{"epoch": e + 1, "val": {"pixel_ap": v}} for e, v in enumerate(vals)]
+    history.insert(2, {"epoch": 2.5})  # an epoch without validation counts for nothing
+    best = {"epoch": 2, "metric": "pixel_ap", "value": 0.3}
+    assert stale_validations(history, best) == 3 and stale_validations(history, None) == 5
+    assert should_stop(history, best, 3) and not should_stop(history, best, 4)
+    assert not should_stop(history, best, 0)  # 0: never
+
+
+def test_training_stops_when_validation_stops_improving(mvtec: Path, tmp_path: Path) -> None:
+    cfg = apply_overrides(_cfg(mvtec, tmp_path / "r", 40), patience=2)
+    assert fit(cfg, progress=False) == tmp_path / "r" / "best.pt"
+    last = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    history, best = last["history"], last["best"]
+    # Stopped at the first epoch where 2 validations in a row had not beaten the best, and no
+    # sooner: checked against the rule replayed on the run's own validation values.
+    vals = [h["val"]["pixel_ap"] for h in history]
+    stops = [e + 1 for e in range(len(vals)) if e + 1 - (1 + int(np.argmax(vals[: e + 1]))) >= 2]
+    assert stops and last["epoch"] == stops[0] < 40 and history[-1]["stopped_early"]
+    assert best["epoch"] == 1 + int(np.argmax(vals)) == load_checkpoint(tmp_path / "r")["epoch"]
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()  # resuming a stopped run: nothing
+    fit(_cfg(mvtec, tmp_path / "r", 40), resume=True, progress=False)
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+
+
+def test_train_says_its_plan_and_expected_time(mvtec: Path, tmp_path: Path) -> None:
+    args = ["--data", str(mvtec), "--epochs", "3", "--batch-size", "2", "--image-size", "32"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad", "train", *args, "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # 8 good images, 1 held out: 7 to fit in batches of 2 -> 4 steps an epoch (the last of 1
+    # image is dropped: 3), validated every 40 steps' worth of epochs, and at the last.
+    assert "rd on 7 images: at most 3 epochs x 3 steps = 9 steps; validation on 1 held-out " in (
+        proc.stderr
+    )
+    assert "every 14 epochs, stopping after 4 without a better pixel_ap" in proc.stderr
+    assert re.search(r"kdad: \d+\.\d\d s a step, \S+ an epoch: at most \S+ more", proc.stderr)

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a model option (see docs/models.md), YAML value; repeatable",
     )
-    t.add_argument("--epochs", type=int)
+    t.add_argument("--epochs", type=int, help="the most epochs (100); early stopping ends sooner")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--image-size", type=int)
     t.add_argument("--lr", type=float)
@@ -115,8 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--num-workers", type=int)
     t.add_argument("--holdout", type=float, help="good images held out for validation (0.1)")
-    t.add_argument("--val-every", type=int, help="epochs between validations (5)")
+    t.add_argument(
+        "--val-every",
+        type=int,
+        help="epochs between validations (0: every epoch, or enough epochs for 40 steps)",
+    )
     t.add_argument("--select", help="validation metric choosing best.pt (pixel_ap)")
+    t.add_argument(
+        "--patience",
+        type=int,
+        help="stop after this many validations without a better --select (4); 0: never",
+    )
     t.add_argument(
         "--false-alarm-rate",
         type=float,
