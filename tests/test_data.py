@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -14,9 +15,13 @@ from kdad.data.dataset import ImageDataset, SyntheticValidationSet
 from kdad.data.io import read_image, read_mask
 from kdad.data.layouts import (
     KdadWarning,
+    Sample,
+    alternate_halves,
     collect_images,
     detect_layout,
     find_samples,
+    mtd_dev_names,
+    mtd_key,
     split_holdout,
 )
 from kdad.errors import KdadError
@@ -205,3 +210,18 @@ def test_synthetic_validation_set(tmp_path: Path) -> None:
     assert bad["label"] == 1 and bad["mask"].sum() > 0 and bad["has_mask"]
     assert not torch.equal(bad["image"], good["image"])
     assert torch.equal(val[3]["image"], bad["image"])  # the same defect every time
+
+
+def test_alternate_halves_split_each_class_by_name() -> None:
+    names = [("Crack", "c3"), ("good", "g1"), ("Crack", "c1"), ("good", "g0"), ("Crack", "c2")]
+    samples = [Sample(Path(f"MT_{d}/Imgs/{n}.jpg"), int(d != "good"), None, d) for d, n in names]
+    assert alternate_halves(samples) == ["dev", "final", "dev", "dev", "final"]
+
+
+def test_shipped_mtd_dev_half_follows_the_rule(shared_data: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KdadWarning)
+        samples = find_samples(shared_data / "magnetic-tile", "test", "mtd")
+    halves = alternate_halves(samples)
+    dev = {mtd_key(s.path) for s, h in zip(samples, halves) if h == "dev"}
+    assert dev == mtd_dev_names() and len(dev) == 294 and len(samples) == 583

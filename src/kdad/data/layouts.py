@@ -124,6 +124,32 @@ def mtd_train_names() -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
+def mtd_key(path: Path) -> str:
+    """A Magnetic Tile image's name in the shipped split files: ``MT_<class>/<file name>``."""
+    return f"{path.parent.parent.name}/{path.name}"
+
+
+def alternate_halves(samples: list[Sample]) -> list[str]:
+    """The rule of the Magnetic Tile dev/final split: per class, every other image in sorted
+    file-name order, the first to ``dev``. Returns each sample's half, in order."""
+    by_class: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.defect, []).append(i)
+    halves = [""] * len(samples)
+    for idx in by_class.values():
+        for k, i in enumerate(sorted(idx, key=lambda i: samples[i].path.name)):
+            halves[i] = "dev" if k % 2 == 0 else "final"
+    return halves
+
+
+def mtd_dev_names() -> set[str]:
+    """The dev half of the Magnetic Tile test set (``MT_<class>/<file name>``, 294 of 583
+    images); the other test images are the final half. Settings are chosen on dev, reported on
+    final (and on the full test set)."""
+    text = resources.files("kdad.data").joinpath("splits/mtd_test_dev.txt").read_text()
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
 def _mtd(root: Path, split: str) -> list[Sample]:
     train = mtd_train_names()
     free = [p for p in _images(root / "MT_Free" / "Imgs") if p.suffix.lower() == ".jpg"]
