@@ -118,10 +118,15 @@ def _folder(root: Path, split: str, normal: str, abnormal: str, masks: str) -> l
     return samples
 
 
+def _shipped_split(name: str) -> set[str]:
+    """The non-empty lines of the split file ``name`` shipped in kdad/data/splits."""
+    text = resources.files("kdad.data").joinpath(f"splits/{name}").read_text()
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
 def mtd_train_names() -> set[str]:
     """The 761 DifferNet training images of Magnetic Tile (file names in MT_Free/Imgs)."""
-    text = resources.files("kdad.data").joinpath("splits/mtd_differnet_train.txt").read_text()
-    return {line.strip() for line in text.splitlines() if line.strip()}
+    return _shipped_split("mtd_differnet_train.txt")
 
 
 def mtd_key(path: Path) -> str:
@@ -146,8 +151,7 @@ def mtd_dev_names() -> set[str]:
     """The dev half of the Magnetic Tile test set (``MT_<class>/<file name>``, 294 of 583
     images); the other test images are the final half. Settings are chosen on dev, reported on
     final (and on the full test set)."""
-    text = resources.files("kdad.data").joinpath("splits/mtd_test_dev.txt").read_text()
-    return {line.strip() for line in text.splitlines() if line.strip()}
+    return _shipped_split("mtd_test_dev.txt")
 
 
 def _mtd(root: Path, split: str) -> list[Sample]:

@@ -28,7 +28,7 @@ from kdad.engine.distributed import Rank, broadcast, current, ensure_group, sync
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.lock import run_lock
 from kdad.engine.schedule import (
-    eta_message,
+    Pace,
     plan_message,
     should_stop,
     stop_message,
@@ -116,27 +116,6 @@ def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int, r: Rank) -> DataLoader
     )
 
 
-class _Pace:
-    """Times the optimiser steps and, once ``WARMUP + MEASURED`` have run, says once how long
-    the rest should take (the first steps are slower: allocation, caches)."""
-
-    WARMUP, MEASURED = 1, 5
-
-    def __init__(self, steps_per_epoch: int, steps_left: int) -> None:
-        self.per_epoch, self.left, self.done = steps_per_epoch, steps_left, 0
-        self.tic = time.perf_counter()
-
-    def step(self) -> str | None:
-        """Count one step; the expected-time line when it is due, else None."""
-        self.done += 1
-        if self.done == self.WARMUP:
-            self.tic = time.perf_counter()
-        if self.done != self.WARMUP + self.MEASURED:
-            return None
-        pace = (time.perf_counter() - self.tic) / self.MEASURED
-        return eta_message(pace, self.left - self.done, self.per_epoch)
-
-
 def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` into ``cfg.out``; returns the checkpoint to use: ``best.pt`` (the epoch
     scoring best on the synthetic validation set) when images were held out, else
@@ -219,7 +198,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         held = len(val.samples) if val else 0
         plan = (cfg.model.name, len(ds), held, t.epochs, steps, every, t.patience, t.select)
         tqdm.write(plan_message(*plan), file=sys.stderr)
-    pace = _Pace(steps, t.epochs * steps - start * steps)
+    pace = Pace(steps, t.epochs * steps - start * steps)
     bar = tqdm(
         total=t.epochs * steps,
         initial=start * steps,
@@ -227,9 +206,9 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         unit="step",
         dynamic_ncols=True,
     )
-    for epoch in range(start, t.epochs):
-        if should_stop(history, best, t.patience):
-            break  # a resumed run that had already stopped early
+    # a resumed run that had already stopped early trains no further
+    last = start if should_stop(history, best, t.patience) else t.epochs
+    for epoch in range(start, last):
         model.start_epoch(epoch, t.epochs)
         if isinstance(ds, SyntheticTrainSet):
             ds.set_epoch(epoch)

@@ -4,6 +4,7 @@ tell the user about it (the plan at the start, the expected time after a few ste
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
@@ -74,3 +75,24 @@ def eta_message(seconds_per_step: float, steps_left: int, steps_per_epoch: int) 
         f"an epoch: at most {duration(seconds_per_step * steps_left)} more, plus validations "
         "(early stopping usually ends sooner)"
     )
+
+
+class Pace:
+    """Times the optimiser steps and, once ``WARMUP + MEASURED`` have run, says once how long
+    the rest should take (the first steps are slower: allocation, caches)."""
+
+    WARMUP, MEASURED = 1, 5
+
+    def __init__(self, steps_per_epoch: int, steps_left: int) -> None:
+        self.per_epoch, self.left, self.done = steps_per_epoch, steps_left, 0
+        self.tic = time.perf_counter()
+
+    def step(self) -> str | None:
+        """Count one step; the expected-time line when it is due, else None."""
+        self.done += 1
+        if self.done == self.WARMUP:
+            self.tic = time.perf_counter()
+        if self.done != self.WARMUP + self.MEASURED:
+            return None
+        pace = (time.perf_counter() - self.tic) / self.MEASURED
+        return eta_message(pace, self.left - self.done, self.per_epoch)
