@@ -8,6 +8,7 @@ command).
 
     python bench/rd_mtd.py --out bench/results/rd_mtd_default_s0.json
     python bench/rd_mtd.py --epochs 30 --patience 0 --out bench/results/rd_mtd_e30_s0.json
+    python bench/rd_mtd.py --set stages='[stage3, stage5, stage6]' --set augment='[hflip]' ...
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
@@ -81,25 +83,37 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="most epochs (kdad's default)")
     ap.add_argument("--patience", type=int, help="early stopping patience (kdad's default)")
     ap.add_argument("--val-every", type=int, help="epochs between validations (kdad's default)")
-    ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--image-size", type=int, help="input side (the config's, else 256)")
+    ap.add_argument("--backbone", help="teacher (the config's, else efficientnet_lite0)")
+    ap.add_argument("--config", help="a kdad run config (YAML file or shipped recipe name)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any kdad.train keyword, YAML value (e.g. lr=0.001, stages='[stage3, stage5]')",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default="runs/bench_rd_mtd")
     ap.add_argument("--out", default="bench/results/rd_mtd.json")
     args = ap.parse_args()
 
+    extra = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra[key] = yaml.safe_load(value)
     tic = time.perf_counter()
     ckpt = kdad.train(
+        config=args.config,
         data=args.data,
         patience=args.patience,
         val_every=args.val_every,
         model="rd",
-        backbone=args.backbone,
         epochs=args.epochs,
-        image_size=args.image_size,
         seed=args.seed,
         out=args.run_dir,
         progress=False,
+        **{"image_size": args.image_size, "backbone": args.backbone, **extra},
     )
     train_seconds = time.perf_counter() - tic
     # The whole run's epochs (best.pt stops at the kept epoch); the median resists a slow outlier.

@@ -179,3 +179,34 @@ def test_train_says_its_plan_and_expected_time(mvtec: Path, tmp_path: Path) -> N
     )
     assert "every 14 epochs, stopping after 4 without a better pixel_ap" in proc.stderr
     assert re.search(r"kdad: \d+\.\d\d s a step, \S+ an epoch: at most \S+ more", proc.stderr)
+
+
+def test_teacher_features_cached_once_train_as_computed(mvtec: Path, tmp_path: Path) -> None:
+    """The cache holds what the teacher computes (to float rounding), and a run on it follows
+    the run that recomputes them: same first-epoch loss, both learning."""
+    from kdad.data.dataset import TrainSet
+    from kdad.engine.teacher_cache import build_cache
+    from kdad.models import build_model
+
+    model = build_model("rd", "efficientnet_lite0").eval()
+    ds = TrainSet(find_samples(mvtec, "train"), 64, (0.5,) * 3, (0.25,) * 3)
+    cache = build_cache(model.teacher, ds, torch.device("cpu"), 2**30)
+    assert cache is not None and cache.feats[0].shape[0] == len(ds)
+    model.teacher.cache = cache
+    idx = torch.tensor([5, 0, 3])
+    with torch.no_grad():
+        fresh = model.teacher(torch.stack([ds[i]["image"] for i in idx.tolist()]))
+        cache.give(idx)
+        given = model.teacher(torch.zeros(3, 3, 64, 64))  # the input is not looked at
+    assert cache.take() is None  # given once, taken once
+    for a, b in zip(fresh, given):  # ~1e-6 of the largest feature apart (batching, layout)
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert build_cache(model.teacher, ds, torch.device("cpu"), 1000) is None  # over budget
+
+    cached = fit(_cfg(mvtec, tmp_path / "cached", 3), progress=False)
+    cfg = _cfg(mvtec, tmp_path / "plain", 3)
+    cfg.train.teacher_cache_gb = 0
+    plain = fit(cfg, progress=False)
+    hc, hp = load_checkpoint(cached)["history"], load_checkpoint(plain)["history"]
+    assert abs(hc[0]["loss"] - hp[0]["loss"]) < 1e-3 * hp[0]["loss"]
+    assert hc[-1]["loss"] < hc[0]["loss"] and hp[-1]["loss"] < hp[0]["loss"]

@@ -15,7 +15,7 @@ def test_perlin_noise_range_and_smoothness() -> None:
 
 def test_mask_statistics() -> None:
     rng = np.random.default_rng(0)
-    fractions = np.array([perlin_mask(128, rng).mean() for _ in range(100)])
+    fractions = np.array([perlin_mask((128, 128), rng).mean() for _ in range(100)])
     assert (fractions > 0).all()  # never empty
     assert 0.02 < fractions.mean() < 0.15  # defects, not whole images
     assert fractions.max() < 0.5
@@ -23,9 +23,9 @@ def test_mask_statistics() -> None:
 
 
 def test_deterministic_under_seed() -> None:
-    a = perlin_mask(64, np.random.default_rng(3))
-    b = perlin_mask(64, np.random.default_rng(3))
-    c = perlin_mask(64, np.random.default_rng(4))
+    a = perlin_mask((64, 64), np.random.default_rng(3))
+    b = perlin_mask((64, 64), np.random.default_rng(3))
+    c = perlin_mask((64, 64), np.random.default_rng(4))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 

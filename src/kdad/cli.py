@@ -109,7 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--epochs", type=int, help="the most epochs (100); early stopping ends sooner")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--image-size", type=int)
+    t.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        metavar="SIZE",
+        help="input side (256), or HEIGHT WIDTH for parts a square would squash",
+    )
+    t.add_argument(
+        "--augment",
+        nargs="+",
+        choices=["hflip", "vflip", "rot90"],
+        help="training views that are still normal for your part (none by default)",
+    )
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
@@ -125,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--patience",
         type=int,
         help="stop after this many validations without a better --select (4); 0: never",
+    )
+    t.add_argument(
+        "--teacher-cache-gb",
+        type=float,
+        help="memory for the frozen teacher's features, computed once when inputs repeat "
+        "(2); 0: recompute every step",
     )
     t.add_argument(
         "--false-alarm-rate",
@@ -226,6 +244,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "train":
         overrides = {k: getattr(args, k) for k in OVERRIDES}  # every flag maps to a field
         overrides["options"] = dict(args.options) if args.options else None
+        if overrides["image_size"] and len(overrides["image_size"]) == 1:
+            overrides["image_size"] = overrides["image_size"][0]
         cats = overrides.pop("category") or [None]
         common = {"config": args.config, "resume": args.resume, "progress": not args.no_progress}
         if len(cats) > 1:

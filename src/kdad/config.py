@@ -19,11 +19,12 @@ class DataConfig:
     path: str = ""
     layout: str = "auto"  # auto | mvtec | folder | mtd
     category: str | None = None  # MVTec category folder, when path is the dataset root
-    image_size: int = 256  # images are resized to image_size x image_size
+    image_size: int | list[int] = 256  # input side (square), or [height, width]
     normal_dir: str = "good"  # folder layout: good images
     abnormal_dir: str = "defect"  # folder layout: defective images (test only)
     mask_dir: str = "mask"  # folder layout: masks named like their image
     holdout: float = 0.1  # good training images held out from fitting, for validation
+    augment: list[str] = field(default_factory=list)  # training views: hflip, vflip, rot90
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     val_every: int = 0  # epochs between validations; 0 = every epoch or VAL_STEPS steps' worth
     select: str = "pixel_ap"  # validation metric choosing the epoch kept as best.pt
     patience: int = 4  # validations without a better ``select`` before stopping; 0 = never stop
+    teacher_cache_gb: float = 2.0  # memory for the teacher's features when inputs repeat; 0 = off
 
 
 @dataclass
@@ -108,11 +110,27 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+RECIPES = Path(__file__).parent / "recipes"  # shipped run configs, by name
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes (``kdad train --config NAME``)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run config; a missing file or bad key is a one-line error."""
+    """Read a YAML run config, or a shipped recipe by name (``magnetic_tile``); a missing file or
+    bad key is a one-line error."""
     path = Path(path)
+    if not path.exists() and path.suffix == "" and (RECIPES / f"{path}.yaml").is_file():
+        path = RECIPES / f"{path}.yaml"
     try:
         d = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise KdadError(
+            f"{path}: no such config file, and no shipped recipe of that name "
+            f"(recipes: {', '.join(recipe_names()) or 'none'})"
+        ) from e
     except OSError as e:
         raise KdadError(f"{path}: cannot read config ({e.strerror})") from e
     except yaml.YAMLError as e:
@@ -135,6 +153,7 @@ OVERRIDES = {
     "category": "data.category",
     "image_size": "data.image_size",
     "holdout": "data.holdout",
+    "augment": "data.augment",
     "model": "model.name",
     "backbone": "model.backbone",
     "stages": "model.stages",
@@ -149,6 +168,7 @@ OVERRIDES = {
     "val_every": "train.val_every",
     "select": "train.select",
     "patience": "train.patience",
+    "teacher_cache_gb": "train.teacher_cache_gb",
     "false_alarm_rate": "calibration.false_alarm_rate",
     "out": "out",
 }

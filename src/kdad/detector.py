@@ -35,7 +35,7 @@ from kdad.outputs import (
 
 @dataclass
 class Prediction:
-    """One image at model resolution: raw map (S, S) and score; with calibration also the
+    """One image at model resolution: raw map (h, w) and score; with calibration also the
     normalised score in [0, 1] (0.5 = threshold) and the decision."""
 
     path: str

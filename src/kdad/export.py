@@ -3,7 +3,7 @@ the onnxruntime runner that serves it without PyTorch.
 
 The graph takes a uint8 RGB batch (B, H, W, 3) of any size and contains the resize (bilinear,
 antialiased, as training), the teacher's normalisation, the model, its smoothing, and the
-calibrated normalisation; it returns the normalised map (B, S, S) (0.5 = pixel threshold), the
+calibrated normalisation; it returns the normalised map (B, h, w) (0.5 = pixel threshold), the
 normalised score (B,) (0.5 = image threshold), the raw score (B,) and the decision (B,) bool.
 Beside it, kdad.json keeps the run's config and calibration.
 """
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.data.dataset import input_hw
 from kdad.detector import Detector
 from kdad.errors import KdadError
 
@@ -33,14 +34,14 @@ class Deployable(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        image_size: int,
+        image_size: int | list[int],
         mean: tuple[float, ...],
         std: tuple[float, ...],
         calibration: dict[str, Any],
     ) -> None:
         super().__init__()
         self.model = model.eval()
-        self.size = image_size
+        self.size = input_hw(image_size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         c = calibration
@@ -54,10 +55,10 @@ class Deployable(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
         x = F.interpolate(
-            x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            x, size=self.size, mode="bilinear", align_corners=False, antialias=True
         ).clamp(0, 1)
         out = self.model((x - self.mean) / self.std)
-        amap = self._normalise(out.anomaly_map, *self.pixel)  # (B, S, S)
+        amap = self._normalise(out.anomaly_map, *self.pixel)  # (B, h, w)
         score = self._normalise(out.score, *self.image)  # (B,)
         return amap, score, out.score, out.score >= self.image[0]
 
@@ -68,10 +69,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
     det = Detector.load(checkpoint, "cpu")
     wrapped = deployable(det)
     size = det.cfg.data.image_size
+    h, w = input_hw(size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
-    example = torch.randint(0, 256, (2, size + 8, size + 16, 3), dtype=torch.uint8)
+    example = torch.randint(0, 256, (2, h + 8, w + 16, 3), dtype=torch.uint8)
     dims = {
         0: torch.export.Dim("batch", min=1, max=1024),
         1: torch.export.Dim("height", min=16, max=16384),
@@ -105,7 +107,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
         "checkpoint": str(Path(det.checkpoint["path"]).resolve()),
     }
     (out / "kdad.json").write_text(json.dumps(meta, indent=2))
-    check = torch.randint(0, 256, (1, size + 24, size - 8, 3), dtype=torch.uint8)
+    check = torch.randint(0, 256, (1, h + 24, w - 8, 3), dtype=torch.uint8)
     with torch.no_grad():
         ref = wrapped(check)
     got = OnnxRunner(out).run(check.numpy())
@@ -143,7 +145,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (B, H, W, 3) -> map (B, S, S), score, raw_score (B,), defect (B,) bool."""
+        """uint8 (B, H, W, 3) -> map (B, h, w), score, raw_score (B,), defect (B,) bool."""
         out = self.graph(torch.from_numpy(images).to(self.device))
         return {k: v.cpu().numpy() for k, v in zip(OUTPUTS, out)}
 
@@ -170,7 +172,7 @@ class OnnxRunner:
         )
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (B, H, W, 3) -> map (B, S, S), score, raw_score (B,), defect (B,) bool."""
+        """uint8 (B, H, W, 3) -> map (B, h, w), score, raw_score (B,), defect (B,) bool."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise KdadError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
         return dict(zip(OUTPUTS, self.session.run(None, {"images": images})))

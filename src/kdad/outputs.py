@@ -22,7 +22,7 @@ EIGHT = np.ones((3, 3), bool)
 
 
 def upsample_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
-    """An (S, S) anomaly map resized bilinearly to the original (height, width)."""
+    """An (h, w) anomaly map resized bilinearly to the original (height, width)."""
     t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
     t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
     return t[0, 0].numpy()

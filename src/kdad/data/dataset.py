@@ -1,6 +1,7 @@
-"""Torch datasets: read, resize to a square, normalise with the teacher's statistics; a
-validation set of held-out good images with synthetic defects; a training set with synthetic
-defects for the models that learn from them."""
+"""Torch datasets: read, resize to the model's input size, normalise with the teacher's
+statistics; the training set (good images, optionally flipped and turned); a validation set of
+held-out good images with synthetic defects; a training set with synthetic defects for the
+models that learn from them."""
 
 from __future__ import annotations
 
@@ -13,37 +14,78 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from kdad.data.io import read_image, read_mask
+from kdad.data import augment as views
+from kdad.data.io import image_shape, read_image, read_mask
 from kdad.data.layouts import Sample
 from kdad.data.synth import synthesize
 from kdad.errors import KdadError
 
 
-def resize_image(img: Tensor, size: int) -> Tensor:
-    """(3, H, W) in [0, 1] -> (3, size, size), bilinear with antialiasing."""
+def input_hw(image_size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """The model's input (height, width) from ``data.image_size``: one side for a square, or
+    [height, width] for parts whose aspect a square would distort."""
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(hw) != 2 or not all(isinstance(v, int) and v >= 32 for v in hw):
+        raise KdadError(
+            f"image_size must be one size or [height, width], each an integer >= 32; "
+            f"got {image_size!r}"
+        )
+    return hw
+
+
+def squash_advice(samples: list[Sample], hw: tuple[int, int], limit: float = 1.5) -> str | None:
+    """A warning when resizing to ``hw`` squashes the typical (median-aspect) image more than
+    ``limit`` times along one axis, a thin defect along the other axis fading with it; with the
+    ``image_size`` that would keep its aspect at the same pixel count. None when it fits."""
+    if not samples:
+        return None
+    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)  # (N, 2)
+    h, w = np.median(shapes, axis=0)
+    squash = (h / w) / (hw[0] / hw[1])
+    if max(squash, 1 / squash) <= limit:
+        return None
+    side = np.sqrt(hw[0] * hw[1] / (h * w))
+    keep = [max(32, round(float(v * side) / 32) * 32) for v in (h, w)]
+    axis = "height" if squash > 1 else "width"
+    return (
+        f"training images are typically {int(h)}x{int(w)} (height x width) but are resized to "
+        f"{hw[0]}x{hw[1]}, squashing their {axis} {max(squash, 1 / squash):.1f}x, where thin "
+        f"defects fade; to keep their aspect pass --image-size {keep[0]} {keep[1]} "
+        f"(image_size: [{keep[0]}, {keep[1]}])"
+    )
+
+
+def resize_image(img: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """(3, H, W) in [0, 1] -> (3, h, w) of ``size`` (side or (h, w)), bilinear, antialiased."""
     return F.interpolate(
-        img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        img[None], size=input_hw(size), mode="bilinear", align_corners=False, antialias=True
     )[0].clamp_(0, 1)
 
 
-def preprocess(img: np.ndarray, size: int, mean: Tensor, std: Tensor) -> Tensor:
-    """(H, W, 3) float image in [0, 1] -> model input (3, size, size), normalised."""
+def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """(H, W) {0, 1} -> (h, w) {0, 1}: a pixel is defective if over half of it was."""
+    m = F.interpolate(mask.float()[None, None], size=size, mode="bilinear")
+    return (m[0, 0] > 0.5).float()
+
+
+def preprocess(img: np.ndarray, size: int | tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
+    """(H, W, 3) float image in [0, 1] -> model input (3, h, w), normalised."""
     x = torch.from_numpy(img).permute(2, 0, 1)  # (3, H, W)
     return (resize_image(x, size) - mean) / std
 
 
 class ImageDataset(Dataset):
-    """Samples as dicts: image (3, S, S) normalised, mask (S, S), has_mask, label, index."""
+    """Samples as dicts: image (3, H, W) normalised, mask (H, W), has_mask, label, index."""
 
     def __init__(
         self,
         samples: list[Sample],
-        image_size: int,
+        image_size: int | tuple[int, int],
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
     ) -> None:
         self.samples = samples
-        self.size = image_size
+        self.size = input_hw(image_size)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -51,22 +93,21 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def load(self, path: Path) -> Tensor:
-        """An image file as (3, S, S) in [0, 1], resized, not yet normalised."""
+        """An image file as (3, H, W) in [0, 1], resized, not yet normalised."""
         return resize_image(torch.from_numpy(read_image(path)).permute(2, 0, 1), self.size)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         s = self.samples[i]
         img = read_image(s.path)  # (H, W, 3)
-        mask = torch.zeros(self.size, self.size)
+        mask = torch.zeros(self.size)
         if s.mask is not None:
-            m = torch.from_numpy(read_mask(s.mask)).float()  # (h, w)
+            m = torch.from_numpy(read_mask(s.mask))  # (h, w)
             if m.shape != img.shape[:2]:
                 raise KdadError(
                     f"{s.mask}: mask is {tuple(m.shape)} but its image {s.path.name} is "
                     f"{img.shape[:2]}"
                 )
-            m = F.interpolate(m[None, None], size=(self.size, self.size), mode="bilinear")
-            mask = (m[0, 0] > 0.5).float()  # (S, S)
+            mask = resize_mask(m, self.size)  # (H, W)
         # A defective image without a mask has unknown defect pixels: kept out of pixel metrics.
         has_mask = s.label != 1 or s.mask is not None
         return {
@@ -76,6 +117,35 @@ class ImageDataset(Dataset):
             "label": torch.tensor(s.label),
             "index": torch.tensor(i),
         }
+
+
+class TrainSet(ImageDataset):
+    """Good training images (dicts: image, index), each epoch in a random view of ``augment``
+    (see data/augment.py) fixed by (seed, epoch, index): resuming replays the same views."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_size: int | tuple[int, int],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        seed: int = 0,
+        augment: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(samples, image_size, mean, std)
+        views.check_augment(list(augment), self.size)
+        self.seed, self.augment, self.epoch = seed, list(augment), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def view(self, i: int) -> tuple[bool, bool, int]:
+        """This epoch's view of image ``i`` (its own generator: other draws stay unchanged)."""
+        return views.draw(self.augment, np.random.default_rng([self.seed, self.epoch, i, 1]))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x = views.apply(self.load(self.samples[i].path), self.view(i))  # (3, H, W)
+        return {"image": (x - self.mean) / self.std, "index": torch.tensor(i)}
 
 
 class SyntheticValidationSet(ImageDataset):
@@ -98,8 +168,8 @@ class SyntheticValidationSet(ImageDataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         n = len(self.samples)
-        x = self.load(self.samples[i % n].path)  # (3, S, S)
-        mask = torch.zeros(self.size, self.size)
+        x = self.load(self.samples[i % n].path)  # (3, H, W)
+        mask = torch.zeros(self.size)
         if i >= n:
             img, m = synthesize(x.permute(1, 2, 0).numpy(), np.random.default_rng([self.seed, i]))
             x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m).float()
@@ -112,46 +182,46 @@ class SyntheticValidationSet(ImageDataset):
         }
 
 
-class SyntheticTrainSet(ImageDataset):
+class SyntheticTrainSet(TrainSet):
     """Good training images for models that learn from synthetic defects: each item is the
     image with a defect (probability ``defect_prob``) or as it is, its clean version and the
-    defect's mask. Defects are Perlin ones drawn afresh each epoch, or, given ``bank`` (triples
-    of defective image, mask and clean source from `kdad synth sample`), drawn from the bank.
-    Everything is fixed by (seed, epoch, index): resuming replays the same defects."""
+    defect's mask, all in one random view of ``augment``. Defects are Perlin ones drawn afresh
+    each epoch, or, given ``bank`` (triples of defective image, mask and clean source from `kdad
+    synth sample`), drawn from the bank. Everything is fixed by (seed, epoch, index): resuming
+    replays the same defects."""
 
     def __init__(
         self,
         samples: list[Sample],
-        image_size: int,
+        image_size: int | tuple[int, int],
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         seed: int = 0,
+        augment: list[str] | tuple[str, ...] = (),
         defect_prob: float = 0.5,
         bank: list[tuple[Path, Path, Path]] | None = None,
     ) -> None:
-        super().__init__(samples, image_size, mean, std)
-        self.seed, self.defect_prob, self.bank, self.epoch = seed, defect_prob, bank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().__init__(samples, image_size, mean, std, seed, augment)
+        self.defect_prob, self.bank = defect_prob, bank
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        clean = self.load(self.samples[i].path)  # (3, S, S)
-        x, mask = clean, torch.zeros(self.size, self.size)
+        clean = self.load(self.samples[i].path)  # (3, H, W)
+        x, mask = clean, torch.zeros(self.size)
         if rng.random() < self.defect_prob:
             if self.bank:
                 image, mask_path, source = self.bank[rng.integers(len(self.bank))]
                 x, clean = self.load(image), self.load(source)
-                m = torch.from_numpy(read_mask(mask_path)).float()[None, None]
-                mask = (F.interpolate(m, size=(self.size, self.size), mode="bilinear") > 0.5)[0, 0]
+                mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
             else:
                 img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng)
                 x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m)
+        view = self.view(i)
+        x, clean, mask = (views.apply(t, view) for t in (x, clean, mask.float()))
         return {
             "image": (x - self.mean) / self.std,
             "clean": (clean - self.mean) / self.std,
-            "mask": mask.float(),
+            "mask": mask,
             "label": torch.tensor(int(bool(mask.any()))),
             "index": torch.tensor(i),
         }

@@ -73,3 +73,15 @@ def read_mask(path: str | Path) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[:, :, :3].max(axis=2) if arr.shape[2] != 2 else arr[:, :, 0]
     return arr > 0.5
+
+
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except FileNotFoundError as e:
+        raise KdadError(f"{path}: file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise KdadError(f"{path}: cannot read image ({e})") from e

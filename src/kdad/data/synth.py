@@ -37,24 +37,28 @@ def perlin_noise(size: int, res: tuple[int, int], rng: np.random.Generator) -> n
 
 
 def perlin_mask(
-    size: int, rng: np.random.Generator, threshold: float = 0.5, max_scale: int = 6
+    shape: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5, max_scale: int = 6
 ) -> np.ndarray:
-    """A binary defect mask (size, size): thresholded Perlin noise of random scale 2^0..2^(k-1)
-    per axis, rotated by up to 90 degrees; never empty."""
+    """A binary defect mask of ``shape`` (H, W): thresholded Perlin noise of random scale
+    2^0..2^(k-1) per axis, rotated by up to 90 degrees (drawn on the enclosing square, then
+    cropped); never empty."""
+    h, w = shape
     while True:
         res = tuple(int(2 ** rng.integers(0, max_scale)) for _ in range(2))
-        noise = perlin_noise(size, res, rng)
+        noise = perlin_noise(max(h, w), res, rng)
         noise = ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, order=1, mode="reflect")
-        mask = noise > threshold
+        mask = noise[:h, :w] > threshold
         if mask.any():
             return mask
 
 
-def perlin_texture(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A procedural RGB texture (size, size, 3) in [0, 1]: coloured multi-octave Perlin noise."""
+def perlin_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A procedural RGB texture (H, W, 3) in [0, 1]: coloured multi-octave Perlin noise."""
+    h, w = shape
     base = rng.random(3)
     octaves = sum(
-        perlin_noise(size, (2**k, 2**k), rng) / 2 ** (k - 1) for k in range(1, rng.integers(3, 7))
+        perlin_noise(max(h, w), (2**k, 2**k), rng)[:h, :w] / 2 ** (k - 1)
+        for k in range(1, rng.integers(3, 7))
     )
     tint = rng.uniform(-0.5, 0.5, 3)
     tex = base + octaves[..., None] * tint
@@ -74,14 +78,14 @@ def self_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def synthesize(
     image: np.ndarray, rng: np.random.Generator, beta_max: float = 0.8
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic defect on a square (S, S, 3) float image: returns (image, mask (S, S) bool).
+    """A synthetic defect on an (H, W, 3) float image: returns (image, mask (H, W) bool).
 
     Inside the mask the image is blended with a texture, ``(1 - b) texture + b image`` with
     opacity b drawn in [0, beta_max) (DRAEM's rule); outside it is unchanged.
     """
-    size = image.shape[0]
-    mask = perlin_mask(size, rng)
-    tex = perlin_texture(size, rng) if rng.random() < 0.5 else self_texture(image, rng)
+    shape = image.shape[:2]
+    mask = perlin_mask(shape, rng)
+    tex = perlin_texture(shape, rng) if rng.random() < 0.5 else self_texture(image, rng)
     if np.ptp(image, axis=2).max() < 1e-6:  # a gray part gets a gray defect
         tex = np.repeat(tex.mean(axis=2, keepdims=True), 3, axis=2)
     beta = rng.uniform(0, beta_max)

@@ -127,7 +127,7 @@ def paint_changed(
     painted, masks = x0.clone(), torch.zeros(len(x0), 1, size, size)
     todo = torch.arange(len(x0))
     for _ in range(_REDRAWS):
-        region = torch.from_numpy(np.stack([perlin_mask(size, rng) for _ in todo]))[:, None]
+        region = torch.from_numpy(np.stack([perlin_mask((size, size), rng) for _ in todo]))[:, None]
         out = model.paint(x0[todo], region.float(), strength, sigma, steps, gen)
         changed = region & ((out - x0[todo]).abs().amax(1, keepdim=True) / 2 > min_change)
         painted[todo], masks[todo] = out, changed.float()

@@ -21,8 +21,8 @@ class Evaluation:
 
     scores: np.ndarray  # (N,)
     labels: np.ndarray  # (N,) 0 good, 1 defective
-    maps: np.ndarray  # (N, S, S) float32
-    masks: np.ndarray  # (N, S, S) bool
+    maps: np.ndarray  # (N, h, w) float32
+    masks: np.ndarray  # (N, h, w) bool
     has_mask: np.ndarray  # (N,) False for defective images whose mask is unknown
     seconds: float  # inference time
 

@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from kdad.backbones import get_spec
 from kdad.config import DataConfig, RunConfig, save_config
-from kdad.data.dataset import ImageDataset, SyntheticTrainSet, SyntheticValidationSet, read_bank
+from kdad.data.dataset import (
+    SyntheticTrainSet,
+    SyntheticValidationSet,
+    TrainSet,
+    input_hw,
+    read_bank,
+    squash_advice,
+)
 from kdad.data.layouts import KdadWarning, Sample, find_samples, split_holdout
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -34,6 +41,7 @@ from kdad.engine.schedule import (
     stop_message,
     validation_interval,
 )
+from kdad.engine.teacher_cache import build_cache, teacher_eligible
 from kdad.errors import KdadError
 from kdad.metrics import METRIC_NAMES
 from kdad.models import MODELS, KDModel, build_model
@@ -60,6 +68,24 @@ def model_from_config(cfg: RunConfig, pretrained: bool = True) -> KDModel:
     return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
 
 
+def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) -> None:
+    """One eval pass at the input size, so that feature maps which do not line up at this size
+    are a clear error before training, not a shape mismatch inside it."""
+    strides = getattr(getattr(model, "teacher", None), "strides", [32])
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(
+                torch.zeros(1, 3, *hw, device=device).contiguous(memory_format=torch.channels_last)
+            )
+    except RuntimeError as e:
+        raise KdadError(
+            f"image_size {hw[0]}x{hw[1]} does not suit this model and its stages: their feature "
+            f"maps do not line up ({str(e).splitlines()[0]}); use sides that are multiples of "
+            f"{2 * max(strides)}"
+        ) from e
+
+
 def training_samples(d: DataConfig) -> tuple[list[Sample], list[Sample]]:
     """The good training images: (those a model fits on, those held out to calibrate)."""
     samples = find_samples(
@@ -68,7 +94,7 @@ def training_samples(d: DataConfig) -> tuple[list[Sample], list[Sample]]:
     return split_holdout(samples, d.holdout)
 
 
-def datasets(cfg: RunConfig) -> tuple[ImageDataset, SyntheticValidationSet | None]:
+def datasets(cfg: RunConfig) -> tuple[TrainSet, SyntheticValidationSet | None]:
     """The good training images of ``cfg.data`` to fit, and the validation set made from the
     held-out fraction (``data.holdout``) with synthetic defects; None when nothing is held out."""
     d = cfg.data
@@ -79,10 +105,17 @@ def datasets(cfg: RunConfig) -> tuple[ImageDataset, SyntheticValidationSet | Non
         opt = cls.Options(**cfg.model.options)
         bank = read_bank(opt.ddpm_samples, fit_samples) if opt.defects == "ddpm" else None
         train = SyntheticTrainSet(
-            fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, opt.defect_prob, bank
+            fit_samples,
+            d.image_size,
+            spec.mean,
+            spec.std,
+            cfg.train.seed,
+            d.augment,
+            opt.defect_prob,
+            bank,
         )
     else:
-        train = ImageDataset(fit_samples, d.image_size, spec.mean, spec.std)
+        train = TrainSet(fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, d.augment)
     val = SyntheticValidationSet(held, d.image_size, spec.mean, spec.std) if held else None
     return train, val
 
@@ -93,7 +126,7 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, memory_format=fmt)
 
 
-def _loader(ds: ImageDataset, cfg: RunConfig, epoch: int, r: Rank) -> DataLoader:
+def _loader(ds: TrainSet, cfg: RunConfig, epoch: int, r: Rank) -> DataLoader:
     """This rank's share of every global batch, shuffled by a generator seeded from (seed,
     epoch): resuming at any epoch replays it, and one rank sees exactly the order it had before
     DDP existed. Ranks get interleaved indices of one permutation, so global batch k is the same
@@ -151,6 +184,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         )
     if t.select not in METRIC_NAMES:
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
+    input_hw(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
     if cfg.model.options.get("ddpm_samples"):  # likewise the synthetic defects' folder
@@ -171,6 +205,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     )
     if state is not None:
         model.load_state_dict(state["model"])
+    check_input_size(model, ds.size, device)
     net = model  # what runs the training forward pass
     if r.world > 1:
         model = sync_batchnorm(model, device)
@@ -193,11 +228,23 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     every = validation_interval(t.val_every, steps)
     if r.main and (message := model.budget_warning(steps, t.epochs)):
         warnings.warn(message, KdadWarning, stacklevel=2)
+    if r.main and not state and (message := squash_advice(ds.samples, ds.size)):
+        warnings.warn(message, KdadWarning, stacklevel=2)
     say = progress and r.main
     if say:
         held = len(val.samples) if val else 0
         plan = (cfg.model.name, len(ds), held, t.epochs, steps, every, t.patience, t.select)
         tqdm.write(plan_message(*plan), file=sys.stderr)
+    cache, teacher = None, getattr(model, "teacher", None)
+    if teacher is not None and t.teacher_cache_gb > 0 and teacher_eligible(ds, model):
+        cache = build_cache(teacher, ds, device, t.teacher_cache_gb * 2**30)
+        teacher.cache = cache
+        if say and cache is not None:
+            tqdm.write(
+                f"kdad: teacher features of the {len(ds)} training images computed once "
+                f"({cache.nbytes / 2**20:.0f} MB)",
+                file=sys.stderr,
+            )
     pace = Pace(steps, t.epochs * steps - start * steps)
     bar = tqdm(
         total=t.epochs * steps,
@@ -210,13 +257,14 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     last = start if should_stop(history, best, t.patience) else t.epochs
     for epoch in range(start, last):
         model.start_epoch(epoch, t.epochs)
-        if isinstance(ds, SyntheticTrainSet):
-            ds.set_epoch(epoch)
+        ds.set_epoch(epoch)
         net.train()
         tic = time.perf_counter()
         sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank
         for batch in _loader(ds, cfg, epoch, r):
             batch = {k: _to(v, device) for k, v in batch.items()}
+            if cache is not None:
+                cache.give(batch["index"])
             parts = model.loss(batch, net(batch["image"]))
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()

@@ -16,7 +16,7 @@ from kdad.models import KDModel
 def infer(
     model: KDModel, ds: ImageDataset, batch_size: int = 16, num_workers: int = 0
 ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
-    """Yield each batch with its anomaly maps (B, S, S) and scores (B,), on the CPU."""
+    """Yield each batch with its anomaly maps (B, h, w) and scores (B,), on the CPU."""
     model.eval()
     device = next(model.parameters()).device
     for batch in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):

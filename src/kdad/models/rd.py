@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,9 @@ from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output
 from kdad.models.layers import GaussianBlur, conv_bn_relu, cosine_distance_map, kaiming_init
+
+if TYPE_CHECKING:
+    from kdad.engine.teacher_cache import TeacherCache
 
 # backbone -> (block, OCBE blocks, decoder blocks deepest first, inner width / output width),
 # as in the official de_resnet*/BN_layer builders; other backbones use _DEFAULT_RECIPE.
@@ -56,12 +60,17 @@ class Teacher(nn.Module):
         self.strides = [known[s][1] for s in self.stages]
         self.net.requires_grad_(False)
         self.net.eval()
+        self.cache: TeacherCache | None = None  # set by the training loop (engine/teacher_cache)
 
     def train(self, mode: bool = True) -> Teacher:
         """The teacher never leaves eval mode: its BatchNorm statistics are ImageNet's."""
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) -> the stages' features, shallowest first; from the cache when the
+        training loop has given this batch's features."""
+        if self.cache is not None and (feats := self.cache.take()) is not None:
+            return feats
         return self.net.features(x, self.stages)
 
 

@@ -1,0 +1,72 @@
+"""The frozen teacher's features of the training images, computed once.
+
+When a model's training inputs are the same every epoch (no augmentation, no synthetic
+defects), its teacher would compute the same features again each epoch: on a CPU about 40% of
+a distillation step. The cache runs the teacher once over the training set, in index order and
+fixed batches (so a resumed run gets exactly the features an unbroken one had), and the
+training loop hands each batch's features to the teacher in place of running it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from kdad.data.dataset import TrainSet
+from kdad.models import KDModel
+
+CHUNK = 16  # images per teacher pass while filling the cache
+
+
+class TeacherCache:
+    """Per-stage features (N, C, h, w) of the N training images; ``give(indices)`` makes the
+    teacher's next call return those images' features instead of computing them."""
+
+    def __init__(self, feats: list[Tensor]) -> None:
+        self.feats = feats
+        self.pending: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.feats)
+
+    def give(self, indices: Tensor) -> None:
+        """The teacher's next call answers for these images (dataset indices, (B,))."""
+        self.pending = indices
+
+    def take(self) -> list[Tensor] | None:
+        """The pending images' features, once; None when nothing was given."""
+        if self.pending is None:
+            return None
+        idx, self.pending = self.pending.to(self.feats[0].device), None
+        return [f[idx].contiguous(memory_format=torch.channels_last) for f in self.feats]
+
+
+def teacher_eligible(ds: TrainSet, model: KDModel) -> bool:
+    """Whether the teacher's inputs repeat every epoch: plain training images, no views, no
+    synthetic defects."""
+    return not model.needs_synthetic and not ds.augment
+
+
+@torch.no_grad()
+def build_cache(
+    teacher: torch.nn.Module, ds: TrainSet, device: torch.device, budget_bytes: float
+) -> TeacherCache | None:
+    """The teacher's features of every image of ``ds``, on ``device``; None when they would
+    take more than ``budget_bytes``."""
+    first = teacher(ds[0]["image"][None].to(device))
+    per_image = sum(f[0].numel() * f.element_size() for f in first)
+    if per_image * len(ds) > budget_bytes:
+        return None
+    feats = [
+        torch.empty((len(ds), *f.shape[1:]), dtype=f.dtype, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
+        for f in first
+    ]
+    for batch in DataLoader(ds, batch_size=CHUNK, shuffle=False):
+        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        for store, f in zip(feats, teacher(x)):
+            store[batch["index"].to(device)] = f
+    return TeacherCache(feats)

@@ -1,0 +1,181 @@
+"""Input sizes and training views: (height, width) inputs, squash advice, flips and turns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_mvtec, save
+
+from kdad.data.dataset import (
+    SyntheticTrainSet,
+    SyntheticValidationSet,
+    TrainSet,
+    input_hw,
+    preprocess,
+    squash_advice,
+)
+from kdad.data.layouts import Sample, find_samples
+from kdad.errors import KdadError
+
+NORM = ((0.0,) * 3, (1.0,) * 3)  # identity normalisation: items are the images in [0, 1]
+
+
+def test_input_size_is_a_side_or_height_width() -> None:
+    assert input_hw(256) == (256, 256)
+    assert input_hw([320, 128]) == (320, 128)
+    for bad in ([256], [1, 2, 3], [256, 16], 8, [256.0, 128]):
+        with pytest.raises(KdadError, match="image_size must be"):
+            input_hw(bad)
+
+
+def test_height_width_input_keeps_a_thin_line_a_square_loses(tmp_path: Path) -> None:
+    """A 1-pixel line across a tall part keeps its full contrast at the part's aspect, and fades
+    to about a quarter squashed 4x into a square."""
+    img = np.full((256, 64, 3), 0.8, np.float32)
+    img[129] = 0.0  # the crack, along the width
+    mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
+    tall = preprocess(img, (256, 64), mean, std)  # (3, 256, 64): aspect kept
+    square = preprocess(img, 64, mean, std)  # (3, 64, 64): height squashed 4x
+    assert tall.shape == (3, 256, 64) and square.shape == (3, 64, 64)
+    dip_tall = 0.8 - tall[0].mean(1).min()
+    dip_square = 0.8 - square[0].mean(1).min()
+    assert dip_tall > 0.75 and dip_square < 0.3
+
+
+def test_squash_advice_names_the_size_that_keeps_the_aspect(tmp_path: Path) -> None:
+    tall = [
+        Sample(save(tmp_path / f"t{i}.png", np.zeros((1250, 500), np.uint8)), 0, None, "good")
+        for i in range(3)
+    ]
+    message = squash_advice(tall, (256, 256))
+    assert "1250x500" in message and "height 2.5x" in message
+    assert "--image-size 416 160" in message  # 2.5:1 at about 256x256's pixel count
+    assert squash_advice(tall, (416, 160)) is None
+    near = [Sample(save(tmp_path / "n.png", np.zeros((300, 240), np.uint8)), 0, None, "good")]
+    assert squash_advice(near, (256, 256)) is None  # 1.25x: left alone
+
+
+def asymmetric(tmp_path: Path) -> list[Sample]:
+    """One image whose every flip and turn differs: a bright 8x4 block in the top-left corner."""
+    img = np.zeros((32, 32), np.uint8)
+    img[:8, :4] = 255
+    return [Sample(save(tmp_path / "a.png", img), 0, None, "good")]
+
+
+def test_training_views_are_flips_and_turns_fixed_by_seed_and_epoch(tmp_path: Path) -> None:
+    samples = asymmetric(tmp_path)
+    plain = TrainSet(samples, 32, *NORM)[0]["image"]
+    ds = TrainSet(samples, 32, *NORM, seed=3, augment=["hflip", "vflip", "rot90"])
+    seen = []
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        x = ds[0]["image"]
+        assert torch.equal(x, ds[0]["image"])  # the same view for the same (seed, epoch, index)
+        assert torch.allclose(x.sum(), plain.sum())  # a permutation of the pixels
+        seen.append(x[0].numpy().tobytes())
+    assert len(set(seen)) == 8  # all eight flips and turns of the block come up
+    again = TrainSet(samples, 32, *NORM, seed=3, augment=["hflip", "vflip", "rot90"])
+    again.set_epoch(7)
+    ds.set_epoch(7)
+    assert torch.equal(again[0]["image"], ds[0]["image"])
+    assert torch.equal(TrainSet(samples, 32, *NORM, seed=3)[0]["image"], plain)  # none asked
+
+
+def test_synthetic_defect_and_its_mask_get_the_same_view(tmp_path: Path) -> None:
+    samples = find_samples(make_mvtec(tmp_path / "d", n_train=4), "train")
+    plain = SyntheticTrainSet(samples, 32, *NORM, seed=1, defect_prob=1.0)
+    turned = SyntheticTrainSet(samples, 32, *NORM, seed=1, augment=["rot90"], defect_prob=1.0)
+    moved = 0
+    for i in range(4):
+        a, b = plain[i], turned[i]
+        k, _ = next(
+            (k, 0)
+            for k in range(4)
+            if torch.equal(a["mask"].rot90(k, (-2, -1)), b["mask"])
+            and torch.equal(a["image"].rot90(k, (-2, -1)), b["image"])
+        )
+        assert torch.equal(a["clean"].rot90(k, (-2, -1)), b["clean"])
+        moved += k != 0
+    assert moved  # at least one was turned
+
+
+def test_bad_views_are_clear_errors(tmp_path: Path) -> None:
+    samples = asymmetric(tmp_path)
+    with pytest.raises(KdadError, match="unknown augmentation 'shear'"):
+        TrainSet(samples, 32, *NORM, augment=["shear"])
+    with pytest.raises(KdadError, match="rot90 needs a square"):
+        TrainSet(samples, [64, 32], *NORM, augment=["rot90"])
+    assert TrainSet(samples, [64, 32], *NORM, augment=["hflip"])[0]["image"].shape == (3, 64, 32)
+
+
+def test_synthetic_defects_on_a_non_square_input(tmp_path: Path) -> None:
+    samples = find_samples(make_mvtec(tmp_path / "d", n_train=3), "train")
+    val = SyntheticValidationSet(samples, [96, 32], *NORM, seed=0)
+    for i in range(3, 6):
+        item = val[i]
+        assert item["image"].shape == (3, 96, 32) and item["mask"].shape == (96, 32)
+        assert item["mask"].any()
+
+
+def tall_part(rng: np.random.Generator, crack_row: int | None = None) -> np.ndarray:
+    """A 256x64 (height x width) striped part, uint8 gray; a 1-pixel dark crack across it."""
+    y, x = np.mgrid[:256, :64]
+    phase = rng.uniform(0, 2 * np.pi)
+    img = 0.5 + 0.2 * np.sin(2 * np.pi * (x + 2 * y) / 16 + phase) + rng.normal(0, 0.02, y.shape)
+    if crack_row is not None:
+        img[crack_row] = 0.05
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def test_tall_part_with_a_thin_crack_trains_and_predicts_at_its_aspect(tmp_path: Path) -> None:
+    """End to end on 256x64 parts at image_size [256, 64]: the crack, 1 pixel thin, is found
+    where it is, and the heatmap comes back at the image's own size."""
+    import kdad
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tall"
+    for i in range(12):
+        save(root / "train" / "good" / f"{i:03d}.png", tall_part(rng))
+    rows = []
+    for i in range(4):
+        save(root / "test" / "good" / f"{i:03d}.png", tall_part(rng))
+        row = int(rng.integers(40, 216))
+        rows.append(row)
+        save(root / "test" / "crack" / f"{i:03d}.png", tall_part(rng, row))
+        mask = np.zeros((256, 64), np.uint8)
+        mask[row] = 255
+        save(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
+    ckpt = kdad.train(
+        data=root,
+        image_size=[256, 64],
+        epochs=10,
+        batch_size=4,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    res = kdad.evaluate(ckpt, out=tmp_path / "run")
+    assert res["metrics"]["image_auroc"] >= 0.9
+    det = kdad.load(ckpt, device="cpu")
+    for i, row in enumerate(rows):
+        pred = det.predict([root / "test" / "crack" / f"{i:03d}.png"])[0]
+        assert pred.anomaly_map.shape == (256, 64)
+        peak = int(pred.anomaly_map.mean(1).argmax())
+        assert abs(peak - row) <= 12, (peak, row)
+
+
+def test_an_input_size_the_stages_cannot_use_is_a_clear_error(tmp_path: Path) -> None:
+    import kdad
+
+    root = make_mvtec(tmp_path / "d", n_train=4)
+    with pytest.raises(KdadError, match=r"image_size 96x96 does not suit .* multiples of 64"):
+        kdad.train(
+            data=root,
+            stages=["stage3", "stage5", "stage6"],
+            image_size=96,
+            epochs=1,
+            out=tmp_path / "run",
+            progress=False,
+        )
