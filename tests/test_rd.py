@@ -33,6 +33,20 @@ def test_rd_loss_is_flattened_cosine_per_scale() -> None:
     assert torch.allclose(sum(rd_loss(t, t)), torch.tensor(0.0), atol=1e-6)
 
 
+def test_pixel_loss_option_averages_per_position_cosines() -> None:
+    """loss=pixel: each position's 1 - cos over channels, averaged; flat (official) differs."""
+    model = build_model("rd", "resnet18", options={"loss": "pixel"}, pretrained=False)
+    t = [torch.randn(2, 4, 3, 3)]
+    s = [t[0].clone()]
+    s[0][:, :, 0, 0] *= -1  # one position of nine points the other way: 1 - cos = 2 there
+    got = model.loss({}, (t, s))["loss"]
+    assert torch.allclose(got, torch.tensor(2 / 9), atol=1e-6)
+    flat = build_model("rd", "resnet18", pretrained=False).loss({}, (t, s))["loss"]
+    assert not torch.allclose(flat, got, atol=1e-3)
+    with pytest.raises(KdadError, match="loss must be flat or pixel"):
+        build_model("rd", "resnet18", options={"loss": "l2"}, pretrained=False)
+
+
 def test_anomaly_map_is_zero_where_student_matches_and_positive_where_not() -> None:
     t = [torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)]
     s = [x.clone() for x in t]

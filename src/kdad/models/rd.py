@@ -26,7 +26,13 @@ from kdad.backbones import build_backbone, get_spec
 from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output
-from kdad.models.layers import GaussianBlur, conv_bn_relu, cosine_distance_map, kaiming_init
+from kdad.models.layers import (
+    GaussianBlur,
+    conv_bn_relu,
+    cosine_distance_map,
+    kaiming_init,
+    pixel_cosine_loss,
+)
 
 if TYPE_CHECKING:
     from kdad.engine.teacher_cache import TeacherCache
@@ -84,6 +90,7 @@ class RD(KDModel):
         sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels
         ocbe_blocks: int = 0  # residual blocks in the OCBE; 0 = the backbone's recipe
         decoder_blocks: tuple[int, ...] = ()  # per decoder stage, deepest first; () = recipe
+        loss: str = "flat"  # flat: official, 1 - cos of whole flattened maps; pixel: per position
 
     def __init__(
         self,
@@ -122,6 +129,9 @@ class RD(KDModel):
         kaiming_init(self.fuse)
         kaiming_init(self.ocbe)
         kaiming_init(self.decoder)
+        if opt.loss not in ("flat", "pixel"):
+            raise KdadError(f"loss must be flat or pixel, got {opt.loss!r}")
+        self.pixel_loss = opt.loss == "pixel"
         self.blur = GaussianBlur(opt.sigma)
 
     def student(self, feats: list[Tensor]) -> list[Tensor]:
@@ -142,7 +152,12 @@ class RD(KDModel):
     def loss(
         self, batch: dict[str, Tensor], out: tuple[list[Tensor], list[Tensor]]
     ) -> dict[str, Tensor]:
-        parts = {f"cos{i}": v for i, v in enumerate(rd_loss(*out))}
+        t, s = out
+        if self.pixel_loss:
+            losses = [pixel_cosine_loss(a, b) for a, b in zip(t, s)]
+        else:
+            losses = rd_loss(t, s)
+        parts = {f"cos{i}": v for i, v in enumerate(losses)}
         return {"loss": sum(parts.values()), **parts}
 
 
