@@ -33,6 +33,18 @@ def test_rd_loss_is_flattened_cosine_per_scale() -> None:
     assert torch.allclose(sum(rd_loss(t, t)), torch.tensor(0.0), atol=1e-6)
 
 
+def test_student_relu_option_gives_a_signed_student() -> None:
+    """Lite's stages are linear (signed); the official student ends each stage in ReLU and so
+    cannot match their negative half. ``student_relu: false`` drops that last ReLU."""
+    x = torch.randn(2, 3, 64, 64)
+    model = build_model("rd", "efficientnet_lite0", pretrained=False).train()
+    assert all(bool((f >= 0).all()) for f in model(x)[1])  # the official default
+    signed = build_model(
+        "rd", "efficientnet_lite0", options={"student_relu": False}, pretrained=False
+    ).train()
+    assert all(bool((f < 0).any()) for f in signed(x)[1])
+
+
 def test_pixel_loss_option_averages_per_position_cosines() -> None:
     """loss=pixel: each position's 1 - cos over channels, averaged; flat (official) differs."""
     model = build_model("rd", "resnet18", options={"loss": "pixel"}, pretrained=False)

@@ -179,3 +179,15 @@ def test_an_input_size_the_stages_cannot_use_is_a_clear_error(tmp_path: Path) ->
             out=tmp_path / "run",
             progress=False,
         )
+
+
+def test_shipped_recipe_loads_by_name_and_unknown_names_say_what_exists(tmp_path: Path) -> None:
+    from kdad.config import load_config, recipe_names
+
+    assert "magnetic_tile" in recipe_names()
+    cfg = load_config("magnetic_tile")
+    assert cfg.model.name == "rd" and cfg.model.stages[0] == "stage3"
+    with pytest.raises(KdadError, match=r"no shipped recipe of that name \(recipes: .*magnetic"):
+        load_config("granite")
+    (tmp_path / "own.yaml").write_text("train:\n  epochs: 3\n")
+    assert load_config(tmp_path / "own.yaml").train.epochs == 3

@@ -36,8 +36,11 @@ def _shortcut(cin: int, cout: int, stride: int, transposed: bool) -> nn.Module |
 class BasicBlock(nn.Module):
     """Two 3x3 convs and a residual (ResNet18/34)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, transposed: bool = False) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int = 1, transposed: bool = False, out_relu: bool = True
+    ) -> None:
         super().__init__()
+        self.out_relu = out_relu  # False: a signed output (a student matching signed features)
         self.conv1 = _resample(cin, cout, stride, transposed)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = _conv3(cout, cout)
@@ -48,16 +51,24 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+        y = y + (x if self.downsample is None else self.downsample(x))
+        return self.relu(y) if self.out_relu else y
 
 
 class Bottleneck(nn.Module):
     """1x1 reduce to ``width``, 3x3 (or 2x2 transposed), 1x1 expand, residual (ResNet50+)."""
 
     def __init__(
-        self, cin: int, cout: int, stride: int = 1, transposed: bool = False, width: int = 0
+        self,
+        cin: int,
+        cout: int,
+        stride: int = 1,
+        transposed: bool = False,
+        width: int = 0,
+        out_relu: bool = True,
     ) -> None:
         super().__init__()
+        self.out_relu = out_relu  # False: a signed output (a student matching signed features)
         width = width or cout // 4
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -72,7 +83,8 @@ class Bottleneck(nn.Module):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+        y = y + (x if self.downsample is None else self.downsample(x))
+        return self.relu(y) if self.out_relu else y
 
 
 def make_stage(
@@ -83,15 +95,18 @@ def make_stage(
     stride: int,
     transposed: bool = False,
     width_factor: float = 0.25,
+    out_relu: bool = True,
 ) -> nn.Sequential:
-    """``n`` residual blocks; the first changes resolution by ``stride``, channels to ``cout``."""
+    """``n`` residual blocks; the first changes resolution by ``stride``, channels to ``cout``;
+    the last ends in a ReLU unless ``out_relu`` is False."""
     layers: list[nn.Module] = []
     for i in range(n):
         c, s = (cin, stride) if i == 0 else (cout, 1)
+        last = out_relu or i < n - 1
         if block == "basic":
-            layers.append(BasicBlock(c, cout, s, transposed))
+            layers.append(BasicBlock(c, cout, s, transposed, last))
         else:
-            layers.append(Bottleneck(c, cout, s, transposed, int(cout * width_factor)))
+            layers.append(Bottleneck(c, cout, s, transposed, int(cout * width_factor), last))
     return nn.Sequential(*layers)
 
 

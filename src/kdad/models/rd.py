@@ -91,6 +91,7 @@ class RD(KDModel):
         ocbe_blocks: int = 0  # residual blocks in the OCBE; 0 = the backbone's recipe
         decoder_blocks: tuple[int, ...] = ()  # per decoder stage, deepest first; () = recipe
         loss: str = "flat"  # flat: official, 1 - cos of whole flattened maps; pixel: per position
+        student_relu: bool = True  # decoder stages end in ReLU (official); False: signed
 
     def __init__(
         self,
@@ -122,8 +123,9 @@ class RD(KDModel):
         c_last, c_emb = ch[-1], 2 * ch[-1]
         self.ocbe = make_stage(block, len(ch) * c_last, c_emb, n_ocbe, 2, width_factor=wf)
         cins = [c_emb, *ch[::-1][:-1]]
+        relu = opt.student_relu
         self.decoder = nn.ModuleList(
-            make_stage(block, cin, cout, n, 2, transposed=True, width_factor=wf)
+            make_stage(block, cin, cout, n, 2, transposed=True, width_factor=wf, out_relu=relu)
             for cin, cout, n in zip(cins, ch[::-1], dec_blocks)
         )
         kaiming_init(self.fuse)
