@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_mvtec, save
+from PIL import Image
 
 from kdad.data.dataset import (
     SyntheticTrainSet,
@@ -164,6 +165,14 @@ def test_tall_part_with_a_thin_crack_trains_and_predicts_at_its_aspect(tmp_path:
         assert pred.anomaly_map.shape == (256, 64)
         peak = int(pred.anomaly_map.mean(1).argmax())
         assert abs(peak - row) <= 12, (peak, row)
+    # The ONNX export keeps the [256, 64] input (export_onnx checks onnxruntime against PyTorch).
+    from kdad.export import OnnxRunner, export_onnx
+
+    export_onnx(ckpt, tmp_path / "export")
+    img = np.asarray(Image.open(root / "test" / "crack" / "000.png").convert("RGB"))
+    got = OnnxRunner(tmp_path / "export").run(img[None])
+    assert got["map"].shape == (1, 256, 64)
+    assert abs(int(got["map"][0].mean(1).argmax()) - rows[0]) <= 12
 
 
 def test_an_input_size_the_stages_cannot_use_is_a_clear_error(tmp_path: Path) -> None:
