@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 
 def provenance() -> dict[str, Any]:
@@ -43,6 +44,11 @@ def provenance() -> dict[str, Any]:
 
 
 _AT_START = provenance()  # the code that ran is the code at start, not at the end
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments as kdad.train keywords, each value read as YAML."""
+    return {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in items)}
 
 
 def write_result(path: str | Path, result: dict[str, Any]) -> None:

@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import parse_sets, write_result
 from rd_mtd import mtd_halves
 
 import kdad
@@ -35,7 +34,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/mtd_curve")
     ap.add_argument("--out", default="bench/results/mtd_curve.json")
     args = ap.parse_args()
-    extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    extra = parse_sets(args.set)
     run = Path(args.run_dir)
     points = []
     for epochs in range(args.step, args.epochs + 1, args.step):

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import parse_sets, write_result
 
 import kdad
 from kdad.data.io import read_image
@@ -98,10 +97,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/rd_mtd.json")
     args = ap.parse_args()
 
-    extra = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        extra[key] = yaml.safe_load(value)
+    extra = parse_sets(args.set)
     tic = time.perf_counter()
     ckpt = kdad.train(
         config=args.config,

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from kdad.data.augment import AUGMENTATIONS
 from kdad.errors import KdadError
 
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--augment",
         nargs="+",
-        choices=["hflip", "vflip", "rot90"],
+        choices=AUGMENTATIONS,
         help="training views that are still normal for your part (none by default)",
     )
     t.add_argument("--lr", type=float)

@@ -235,8 +235,11 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         held = len(val.samples) if val else 0
         plan = (cfg.model.name, len(ds), held, t.epochs, steps, every, t.patience, t.select)
         tqdm.write(plan_message(*plan), file=sys.stderr)
+    # a resumed run that had already stopped early trains no further
+    last = start if should_stop(history, best, t.patience) else t.epochs
     cache, teacher = None, getattr(model, "teacher", None)
-    if teacher is not None and t.teacher_cache_gb > 0 and teacher_eligible(ds, model):
+    wanted = last > start and t.teacher_cache_gb > 0 and teacher_eligible(ds, model)
+    if teacher is not None and wanted:
         cache = build_cache(teacher, ds, device, t.teacher_cache_gb * 2**30)
         teacher.cache = cache
         if say and cache is not None:
@@ -253,8 +256,6 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         unit="step",
         dynamic_ncols=True,
     )
-    # a resumed run that had already stopped early trains no further
-    last = start if should_stop(history, best, t.patience) else t.epochs
     for epoch in range(start, last):
         model.start_epoch(epoch, t.epochs)
         ds.set_epoch(epoch)

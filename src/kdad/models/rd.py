@@ -123,9 +123,10 @@ class RD(KDModel):
         c_last, c_emb = ch[-1], 2 * ch[-1]
         self.ocbe = make_stage(block, len(ch) * c_last, c_emb, n_ocbe, 2, width_factor=wf)
         cins = [c_emb, *ch[::-1][:-1]]
-        relu = opt.student_relu
         self.decoder = nn.ModuleList(
-            make_stage(block, cin, cout, n, 2, transposed=True, width_factor=wf, out_relu=relu)
+            make_stage(
+                block, cin, cout, n, 2, transposed=True, width_factor=wf, out_relu=opt.student_relu
+            )
             for cin, cout, n in zip(cins, ch[::-1], dec_blocks)
         )
         kaiming_init(self.fuse)
