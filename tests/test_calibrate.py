@@ -12,9 +12,8 @@ import pytest
 from conftest import make_folder
 
 import kdad
-from kdad.data.layouts import KdadWarning
 from kdad.engine.calibrate import calibrate, f1_threshold, normalise
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
 
 
 def test_thresholds_hit_their_targets() -> None:

@@ -11,10 +11,9 @@ import torch
 from conftest import SIZE, make_folder, make_mtd, make_mvtec, save, texture
 from PIL import Image
 
-from kdad.data.dataset import ImageDataset, SyntheticValidationSet
+from kdad.data.dataset import ImageDataset
 from kdad.data.io import read_image, read_mask
 from kdad.data.layouts import (
-    KdadWarning,
     Sample,
     alternate_halves,
     collect_images,
@@ -24,8 +23,9 @@ from kdad.data.layouts import (
     mtd_key,
     split_holdout,
 )
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
 from kdad.outputs import unique_names
+from kdad.synth.datasets import SyntheticValidationSet
 
 
 @pytest.mark.parametrize("ext", ["png", "jpg", "bmp", "tif"])

@@ -14,12 +14,15 @@ import torch
 from conftest import make_mvtec
 
 from kdad.config import DataConfig, RunConfig
-from kdad.data.dataset import SyntheticTrainSet, read_bank
 from kdad.data.io import read_image, read_mask
-from kdad.engine.diffusion import paint_changed
-from kdad.engine.fit import datasets, training_samples
+from kdad.data.layouts import training_samples
+from kdad.engine.fit import datasets
 from kdad.errors import KdadError
-from kdad.models.ddpm import DDPM, DDPMOptions
+from kdad.models import model_from_config
+from kdad.synth.bank import read_bank
+from kdad.synth.datasets import SyntheticTrainSet
+from kdad.synth.ddpm import DDPM, DDPMOptions
+from kdad.synth.diffusion import paint_changed
 
 
 def kdad(*args: str) -> subprocess.CompletedProcess:
@@ -107,7 +110,7 @@ def test_training_set_defects_are_seeded_and_bank_keeps_out_held_images(tmp_path
     data = make_mvtec(tmp_path / "data", n_train=12)
     cfg = RunConfig()
     cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 32, "dest_ddpm"
-    ds, _ = datasets(cfg)
+    ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
     assert isinstance(ds, SyntheticTrainSet)
     ds.set_epoch(0)
     first = [ds[i] for i in range(len(ds))]

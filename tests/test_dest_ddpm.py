@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_mvtec
 
-from kdad.data.layouts import KdadWarning
-from kdad.errors import KdadError
+from kdad.engine.schedule import phase_at, phase_warnings
+from kdad.errors import KdadError, KdadWarning
 from kdad.models import build_model
 
 
@@ -31,7 +31,8 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
         *model.decoder.parameters(),
     ]
 
-    model.start_epoch(0, 10)
+    assert phase_at(model.phases(10), 0).name == "student"
+    model.phase = "student"
     model.train()
     parts = model.loss(batch, model(batch["image"]))
     assert set(parts) == {"loss", "cos0", "cos1", "cos2"}
@@ -41,9 +42,8 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
     model.zero_grad(set_to_none=True)
 
     for epoch, epochs, seg in [(0, 1, False), (0, 2, False), (1, 2, True), (2, 4, True)]:
-        model.start_epoch(epoch, epochs)
-        assert model.seg_phase == seg
-    model.start_epoch(5, 10)
+        assert (phase_at(model.phases(epochs), epoch).name == "head") == seg
+    model.phase = phase_at(model.phases(10), 5).name
     model.train()
     assert model.head.training and not model.encoder.training and not model.decoder.training
     stats = model.decoder[0][0].bn1.running_mean.clone()
@@ -75,9 +75,12 @@ def test_bad_defect_options_are_refused() -> None:
 
 def test_too_few_head_steps_warn() -> None:
     model = build_model("dest_ddpm", "resnet18", pretrained=False)
-    assert model.budget_warning(10, 20) is None  # 10 of 20 epochs of 10 steps: 100 head steps
-    assert "gets 90 optimiser steps" in model.budget_warning(10, 19)
-    assert build_model("rd", "resnet18", pretrained=False).budget_warning(1, 1) is None
+    # 10 of 20 epochs of 10 steps: 100 head steps
+    assert phase_warnings("dest_ddpm", model.phases(20), 20, 10) == []
+    (warning,) = phase_warnings("dest_ddpm", model.phases(19), 19, 10)
+    assert "gets 90 optimiser steps" in warning
+    rd = build_model("rd", "resnet18", pretrained=False)
+    assert phase_warnings("rd", rd.phases(1), 1, 1) == []
 
 
 def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from scipy.ndimage import gaussian_filter
 from kdad.backbones import BACKBONES
 from kdad.errors import KdadError
 from kdad.models import MODELS, build_model
+from kdad.models.distill import Pair, anomaly_map, rd_loss
 from kdad.models.layers import GaussianBlur
-from kdad.models.rd import anomaly_map, rd_loss
 
 
 def test_gaussian_blur_equals_scipy() -> None:
@@ -51,9 +51,9 @@ def test_pixel_loss_option_averages_per_position_cosines() -> None:
     t = [torch.randn(2, 4, 3, 3)]
     s = [t[0].clone()]
     s[0][:, :, 0, 0] *= -1  # one position of nine points the other way: 1 - cos = 2 there
-    got = model.loss({}, (t, s))["loss"]
+    got = model.loss({}, Pair(t, s))["loss"]
     assert torch.allclose(got, torch.tensor(2 / 9), atol=1e-6)
-    flat = build_model("rd", "resnet18", pretrained=False).loss({}, (t, s))["loss"]
+    flat = build_model("rd", "resnet18", pretrained=False).loss({}, Pair(t, s))["loss"]
     assert not torch.allclose(flat, got, atol=1e-3)
     with pytest.raises(KdadError, match="loss must be flat or pixel"):
         build_model("rd", "resnet18", options={"loss": "l2"}, pretrained=False)
@@ -74,7 +74,7 @@ def test_rd_builds_on_every_backbone(backbone: str) -> None:
     x = torch.randn(2, 3, 64, 64)
     t, s = model.train()(x)
     assert [a.shape for a in t] == [b.shape for b in s]
-    loss = model.loss({}, (t, s))["loss"]
+    loss = model.loss({}, Pair(t, s))["loss"]
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert not model.teacher.net.training  # the teacher's BatchNorm stays in eval mode

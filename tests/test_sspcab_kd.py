@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kdad.models import build_model
+from kdad.models.sspcab_kd import Attentive
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ def test_every_switch_builds_trains_and_scores(options: dict) -> None:
     x = torch.randn(2, 3, 64, 64)
     t, s, pre = model.train()(x)
     assert [a.shape for a in t] == [b.shape for b in s]
-    parts = model.loss({}, (t, s, pre))
+    parts = model.loss({}, Attentive(t, s, pre))
     assert ("sspcab" in parts) == options.get("sspcab", True)
     parts["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())

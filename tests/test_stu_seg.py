@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kdad.models import build_model
+from kdad.models.distill import Pair
 
 
 @pytest.mark.parametrize(
@@ -20,7 +21,7 @@ def test_every_switch_builds_trains_and_scores(options: dict) -> None:
     x = torch.randn(2, 3, 72, 56)  # not a multiple of 16: levels round up like the teacher's
     t, s = model.train()(x)
     assert [a.shape for a in t] == [b.shape for b in s]
-    parts = model.loss({}, (t, s))
+    parts = model.loss({}, Pair(t, s))
     parts["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert all(p.grad is not None for g in model.param_groups() for p in g["params"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdad.data.synth import perlin_mask, perlin_noise, synthesize
+from kdad.synth.perlin import perlin_mask, perlin_noise, synthesize
 
 
 def test_perlin_noise_range_and_smoothness() -> None:

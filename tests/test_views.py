@@ -10,16 +10,10 @@ import torch
 from conftest import make_mvtec, save
 from PIL import Image
 
-from kdad.data.dataset import (
-    SyntheticTrainSet,
-    SyntheticValidationSet,
-    TrainSet,
-    input_hw,
-    preprocess,
-    squash_advice,
-)
+from kdad.data.dataset import TrainSet, input_hw, preprocess, squash_advice
 from kdad.data.layouts import Sample, find_samples
 from kdad.errors import KdadError
+from kdad.synth.datasets import SyntheticTrainSet, SyntheticValidationSet
 
 NORM = ((0.0,) * 3, (1.0,) * 3)  # identity normalisation: items are the images in [0, 1]
 

@@ -1,18 +1,26 @@
-"""The Python API behind the CLI: train, load a Detector, predict, evaluate."""
+"""The Python API behind the CLI: one function per ``kdad`` verb, plus ``load`` for a Detector.
+
+Every function here is also ``kdad.NAME`` except ``report``, ``export`` and ``serve``: those names
+belong to the submodules kdad.report, kdad.export and kdad.serve, so call them as ``kdad.api.NAME``.
+Modules that only one verb needs (ONNX, the web service, the DDPM, the grid) are imported inside
+its function, so ``import kdad`` and ``kdad --help`` stay fast.
+"""
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kdad.config import RunConfig, apply_overrides, load_config
-from kdad.data.layouts import SPLITS, KdadWarning, detect_layout, find_samples
-from kdad.detector import Detector, Prediction
+from kdad.data.layouts import SPLITS, detect_layout, find_samples
+from kdad.detector import Detector, Prediction, recalibrate
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import fit
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
+from kdad.files import atomic_write
 
 
 def train(
@@ -140,10 +148,154 @@ def evaluate(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "metrics.json")
+        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return result
 
 
-__all__ = ["Detector", "Prediction", "evaluate", "load", "train", "train_categories"]
+def predict(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    batch_size: int = 16,
+    device: str = "auto",
+    f1_threshold_from: str | Path | None = None,
+) -> tuple[Path, float | None]:
+    """Score image files and folders into ``out`` (see Detector.predict_files); returns
+    OUT/predictions.csv and the image threshold set F1-best on the labelled validation folder
+    ``f1_threshold_from`` (None: the calibrated one is kept)."""
+    det = load(checkpoint, device)
+    threshold = det.use_f1_threshold(f1_threshold_from) if f1_threshold_from else None
+    return det.predict_files(inputs, out, batch_size), threshold
+
+
+def report(source: str | Path, out: str | Path | None = None) -> Path:
+    """Write the self-contained HTML report of a run folder, a metrics.json or a predict folder
+    (default: report.html beside it); returns its path."""
+    from kdad.report import build_report
+
+    return build_report(source, out)
+
+
+def calibrate(
+    checkpoint: str | Path,
+    false_alarm_rate: float | None = None,
+    pixel_quantile: float | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Recompute a checkpoint's thresholds from its held-out good images and write them into
+    the checkpoint; returns the new calibration. None keeps the rate or quantile it was
+    trained with."""
+    return recalibrate(checkpoint, false_alarm_rate, pixel_quantile, device)
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``out``/model.onnx (resize, model and calibrated decision in one graph) and
+    ``out``/kdad.json, checked against PyTorch with onnxruntime; returns the .onnx path."""
+    from kdad.export import export_onnx
+
+    return export_onnx(checkpoint, out)
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve one model (an export folder, or a checkpoint or run folder) over HTTP with a web
+    page, in ``workers`` processes; returns when the server stops."""
+    from kdad.serve import serve as run_server
+
+    run_server(model, host, port, workers)
+
+
+def synth_train(
+    data: str | Path,
+    out: str | Path = "runs/ddpm",
+    layout: str | None = None,
+    category: str | None = None,
+    image_size: int = 64,
+    steps: int = 4000,
+    batch_size: int = 16,
+    lr: float = 2e-4,
+    width: int = 32,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train a DDPM of a dataset's good training images (square ``image_size``, gray or colour
+    as the images are) to paint synthetic defects; returns ``out``/ddpm.pt."""
+    from kdad.config import DataConfig
+    from kdad.synth.ddpm import DDPMOptions
+    from kdad.synth.diffusion import DiffusionConfig, train_ddpm
+
+    cfg = DiffusionConfig(
+        DataConfig(path=str(data), layout=layout or "auto", category=category),
+        DDPMOptions(image_size=image_size, width=width, channels=0),
+        steps,
+        batch_size,
+        lr,
+        seed,
+        device,
+        str(out),
+    )
+    return train_ddpm(cfg, progress=progress)
+
+
+def synth_sample(
+    model: str | Path,
+    out: str | Path,
+    count: int = 200,
+    data: str | None = None,
+    strength: float = 0.1,
+    sigma: float = 2.0,
+    steps: int = 25,
+    seed: int = 0,
+    min_change: float = 8 / 255,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """Paint ``count`` defects with a trained DDPM into the MVTec-layout folder ``out`` (images
+    from ``data``, default the DDPM's own) and an HTML gallery of them; returns
+    OUT/synthetic.csv and the gallery."""
+    from kdad.synth.bank import synthetic_gallery
+    from kdad.synth.diffusion import sample_defects
+
+    folder = sample_defects(
+        model,
+        out,
+        count,
+        data,
+        strength,
+        sigma,
+        steps,
+        seed,
+        min_change=min_change,
+        progress=progress,
+    )
+    return folder / "synthetic.csv", synthetic_gallery(folder)
+
+
+def bench(
+    grid: str | Path,
+    progress: bool = True,
+    models: list[str] | None = None,
+    jobs: int = 1,
+) -> tuple[Path, Path]:
+    """Run the unfinished jobs of a grid YAML (only ``models``, by name, when given), ``jobs``
+    at a time, and tabulate every finished run; returns the Markdown and CSV tables."""
+    from kdad.grid import run_grid
+
+    return run_grid(grid, progress, models, jobs)
+
+
+__all__ = [
+    "Detector",
+    "Prediction",
+    "bench",
+    "calibrate",
+    "evaluate",
+    "export",
+    "load",
+    "predict",
+    "report",
+    "serve",
+    "synth_sample",
+    "synth_train",
+    "train",
+    "train_categories",
+]

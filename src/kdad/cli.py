@@ -238,100 +238,133 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    import kdad  # deferred: `kdad --help` stays fast
+# One handler per verb: each turns its arguments into one kdad.api call and prints the result.
+# kdad is imported inside them (deferred) so that `kdad --help` stays fast.
+
+
+def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named arguments, as keywords of the API function whose parameters they match."""
+    return {n: getattr(args, n) for n in names}
+
+
+def _train(args: argparse.Namespace) -> None:
+    from kdad import api
     from kdad.config import OVERRIDES
 
-    if args.verb == "train":
-        overrides = {k: getattr(args, k) for k in OVERRIDES}  # every flag maps to a field
-        overrides["options"] = dict(args.options) if args.options else None
-        if overrides["image_size"] and len(overrides["image_size"]) == 1:
-            overrides["image_size"] = overrides["image_size"][0]
-        cats = overrides.pop("category") or [None]
-        common = {"config": args.config, "resume": args.resume, "progress": not args.no_progress}
-        if len(cats) > 1:
-            for cat, ckpt in kdad.train_categories(cats, args.jobs, **common, **overrides).items():
-                print(f"checkpoint ({cat}): {ckpt}")
-        else:
-            print(f"checkpoint: {kdad.train(**common, category=cats[0], **overrides)}")
-    elif args.verb == "test":
-        ckpt = Path(args.checkpoint)
-        out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent)
-        res = kdad.evaluate(
-            ckpt,
-            args.data,
-            args.layout,
-            args.category,
-            out,
-            args.batch_size,
-            args.device,
-            args.save_maps,
-        )
-        print(_metrics_table(res["metrics"]))
-        print(f"metrics: {Path(out) / 'metrics.json'}")
-    elif args.verb == "predict":
-        det = kdad.load(args.checkpoint, args.device)
-        if args.f1_threshold_from:
-            t = det.use_f1_threshold(args.f1_threshold_from)
-            print(f"image threshold (F1 on {args.f1_threshold_from}): {t:.6g}")
-        csv_path = det.predict_files(args.inputs, args.out, args.batch_size)
-        print(f"predictions: {csv_path}")
-    elif args.verb == "report" or args.verb == "report":
-        from kdad.report import build_report
+    overrides = {k: getattr(args, k) for k in OVERRIDES}  # every flag maps to a field
+    overrides["options"] = dict(args.options) if args.options else None
+    if overrides["image_size"] and len(overrides["image_size"]) == 1:
+        overrides["image_size"] = overrides["image_size"][0]
+    cats = overrides.pop("category") or [None]
+    common = {"config": args.config, "resume": args.resume, "progress": not args.no_progress}
+    if len(cats) > 1:
+        for cat, ckpt in api.train_categories(cats, args.jobs, **common, **overrides).items():
+            print(f"checkpoint ({cat}): {ckpt}")
+    else:
+        print(f"checkpoint: {api.train(**common, category=cats[0], **overrides)}")
 
-        print(f"report: {build_report(args.source, args.out)}")
-    elif args.verb == "calibrate":
-        from kdad.detector import recalibrate
 
-        cal = recalibrate(args.checkpoint, args.false_alarm_rate, args.pixel_quantile, args.device)
-        print(json.dumps(cal, indent=2))
-    elif args.verb == "export":
-        from kdad.export import export_onnx
+def _test(args: argparse.Namespace) -> None:
+    from kdad import api
 
-        print(f"onnx: {export_onnx(args.checkpoint, args.out)}")
-    elif args.verb == "serve":
-        from kdad.serve import serve
+    ckpt = Path(args.checkpoint)
+    out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent)
+    res = api.evaluate(
+        ckpt,
+        args.data,
+        args.layout,
+        args.category,
+        out,
+        args.batch_size,
+        args.device,
+        args.save_maps,
+    )
+    print(_metrics_table(res["metrics"]))
+    print(f"metrics: {Path(out) / 'metrics.json'}")
 
-        serve(args.model, args.host, args.port, args.workers)
-    elif args.verb == "synth" and args.synth_verb == "train":
-        from kdad.config import DataConfig
-        from kdad.engine.diffusion import DiffusionConfig, train_ddpm
-        from kdad.models.ddpm import DDPMOptions
 
-        cfg = DiffusionConfig(
-            DataConfig(path=args.data, layout=args.layout or "auto", category=args.category),
-            DDPMOptions(image_size=args.image_size, width=args.width, channels=0),
-            args.steps,
-            args.batch_size,
-            args.lr,
-            args.seed,
-            args.device,
-            args.out,
-        )
-        print(f"ddpm: {train_ddpm(cfg, progress=not args.no_progress)}")
-    elif args.verb == "synth":
-        from kdad.engine.diffusion import sample_defects
-        from kdad.report import synthetic_gallery
+def _predict(args: argparse.Namespace) -> None:
+    from kdad import api
 
-        out = sample_defects(
-            args.model,
-            args.out,
-            args.count,
-            args.data,
-            args.strength,
-            args.sigma,
-            args.steps,
-            args.seed,
-            min_change=args.min_change,
-            progress=not args.no_progress,
-        )
-        print(f"defects: {out / 'synthetic.csv'}\ngallery: {synthetic_gallery(out)}")
-    elif args.verb == "bench":
-        from kdad.grid import run_grid
+    names = ("checkpoint", "inputs", "out", "batch_size", "device", "f1_threshold_from")
+    csv_path, threshold = api.predict(**_pick(args, *names))
+    if threshold is not None:
+        print(f"image threshold (F1 on {args.f1_threshold_from}): {threshold:.6g}")
+    print(f"predictions: {csv_path}")
 
-        md, csv_path = run_grid(args.grid, not args.no_progress, args.models, args.jobs)
-        print(md.read_text())
-        print(f"tables: {md}, {csv_path}")
+
+def _report(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    print(f"report: {api.report(args.source, args.out)}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    cal = api.calibrate(args.checkpoint, args.false_alarm_rate, args.pixel_quantile, args.device)
+    print(json.dumps(cal, indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    print(f"onnx: {api.export(args.checkpoint, args.out)}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    api.serve(args.model, args.host, args.port, args.workers)
+
+
+def _synth_train(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    names = ("data", "out", "layout", "category", "image_size", "steps", "batch_size", "lr")
+    names += ("width", "seed", "device")
+    print(f"ddpm: {api.synth_train(**_pick(args, *names), progress=not args.no_progress)}")
+
+
+def _synth_sample(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    names = ("model", "out", "count", "data", "strength", "sigma", "steps", "seed", "min_change")
+    csv_path, gallery = api.synth_sample(**_pick(args, *names), progress=not args.no_progress)
+    print(f"defects: {csv_path}\ngallery: {gallery}")
+
+
+SYNTH_VERBS = {"train": _synth_train, "sample": _synth_sample}
+
+
+def _synth(args: argparse.Namespace) -> None:
+    SYNTH_VERBS[args.synth_verb](args)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from kdad import api
+
+    md, csv_path = api.bench(args.grid, not args.no_progress, args.models, args.jobs)
+    print(md.read_text())
+    print(f"tables: {md}, {csv_path}")
+
+
+VERBS = {
+    "train": _train,
+    "test": _test,
+    "predict": _predict,
+    "report": _report,
+    "calibrate": _calibrate,
+    "export": _export,
+    "serve": _serve,
+    "synth": _synth,
+    "bench": _bench,
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the verb the arguments name; 0 when it returns (its errors are raised)."""
+    VERBS[args.verb](args)
     return 0
 
 

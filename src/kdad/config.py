@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from kdad.errors import KdadError
+from kdad.files import atomic_write
 
 
 @dataclass
@@ -140,10 +141,8 @@ def load_config(path: str | Path) -> RunConfig:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the config as YAML (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # Flat names (CLI flags, keyword arguments of kdad.train) -> dotted config fields.

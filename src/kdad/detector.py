@@ -15,17 +15,17 @@ from kdad.backbones import get_spec
 from kdad.config import RunConfig
 from kdad.data.dataset import ImageDataset, preprocess
 from kdad.data.io import read_image
-from kdad.data.layouts import KdadWarning, Sample, collect_images, find_samples
+from kdad.data.layouts import Sample, collect_images, find_samples
 from kdad.engine.calibrate import calibrate, f1_threshold, normalise
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdad.engine.distributed import barrier, ensure_group
+from kdad.engine.distributed import barrier, ensure_group, resolve_device
 from kdad.engine.evaluate import evaluate_model
-from kdad.engine.fit import model_from_config, resolve_device
-from kdad.errors import KdadError
-from kdad.models import KDModel
+from kdad.errors import KdadError, KdadWarning
+from kdad.models import KDModel, model_from_config
 from kdad.outputs import (
     ImageResult,
     PredictionWriter,
+    defect_mask,
     find_instances,
     merge_shards,
     unique_names,
@@ -71,7 +71,7 @@ class Detector:
         """Rebuild the model from a checkpoint's config and state dict (no download needed)."""
         ckpt = load_checkpoint(checkpoint)
         cfg = RunConfig.from_dict(ckpt["config"], ckpt["path"])
-        model = model_from_config(cfg, pretrained=False)
+        model = model_from_config(cfg.model, pretrained=False)
         model.load_state_dict(ckpt["model"])
         return cls(model.to(resolve_device(device)), cfg, ckpt)
 
@@ -148,7 +148,7 @@ class Detector:
             heat = (full - full.min()) / max(float(full.max() - full.min()), 1e-12)
             return res, heat, None
         heat = normalise(full, c["pixel_threshold"], c["pixel_low"])
-        mask = (heat >= 0.5) & (decision == "defect")
+        mask = defect_mask(heat, decision == "defect")
         res.instances = find_instances(mask, heat)
         return res, heat, mask
 

@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from kdad.data.dataset import input_hw
 from kdad.detector import Detector
+from kdad.engine.calibrate import normalise
 from kdad.errors import KdadError
+from kdad.files import atomic_write
 
 OUTPUTS = ("map", "score", "raw_score", "defect")
 
@@ -48,18 +50,14 @@ class Deployable(nn.Module):
         self.image = (float(c["image_threshold"]), float(c["image_low"]))
         self.pixel = (float(c["pixel_threshold"]), float(c["pixel_low"]))
 
-    @staticmethod
-    def _normalise(v: Tensor, threshold: float, low: float) -> Tensor:
-        return (0.5 * (v - low) / (threshold - low)).clamp(0, 1)
-
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
         x = F.interpolate(
             x, size=self.size, mode="bilinear", align_corners=False, antialias=True
         ).clamp(0, 1)
         out = self.model((x - self.mean) / self.std)
-        amap = self._normalise(out.anomaly_map, *self.pixel)  # (B, h, w)
-        score = self._normalise(out.score, *self.image)  # (B,)
+        amap = normalise(out.anomaly_map, *self.pixel)  # (B, h, w)
+        score = normalise(out.score, *self.image)  # (B,)
         return amap, score, out.score, out.score >= self.image[0]
 
 
@@ -79,22 +77,24 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
         1: torch.export.Dim("height", min=16, max=16384),
         2: torch.export.Dim("width", min=16, max=16384),
     }
-    tmp = out / ".model.onnx.tmp"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapped,
-            (example,),
-            str(tmp),
-            input_names=["images"],
-            output_names=list(OUTPUTS),
-            dynamic_shapes={"images": dims},
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(tmp),
+                input_names=["images"],
+                output_names=list(OUTPUTS),
+                dynamic_shapes={"images": dims},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+
+    atomic_write(path, write)
     meta = {
         "format": "kdad-onnx-1",
         "input": {"name": "images", "dtype": "uint8", "layout": "BHWC", "channels": "RGB"},

@@ -32,6 +32,7 @@ from kdad.config import OVERRIDES, RunConfig, apply_overrides
 from kdad.engine.checkpoint import load_checkpoint
 from kdad.engine.pool import run_parallel
 from kdad.errors import KdadError
+from kdad.files import atomic_write
 from kdad.metrics import METRIC_NAMES
 
 _RUN_KEYS = {"name", "model", "backbone", "stages", "options"}
@@ -145,9 +146,7 @@ def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str
         "best": state.get("best"),
     }
     res["images_per_second"] = res["counts"]["images"] / res["inference_seconds"]
-    tmp = job.out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(done)
+    atomic_write(done, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
     return res
 
 

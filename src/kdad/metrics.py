@@ -44,13 +44,24 @@ def image_ap(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float(average_precision_score(y, scores)) if _both_classes(y) else None
 
 
+def f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    """F1 at each point of a precision-recall curve (0 where both are 0)."""
+    return 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+
+
+def best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(Best F1 over all thresholds of image scores, the lowest threshold reaching it);
+    ``labels`` bool, holding both classes."""
+    p, r, t = precision_recall_curve(labels, scores)
+    f = f1(p[:-1], r[:-1])  # the last point (recall 0) has no threshold
+    k = int(np.argmax(f))
+    return float(f[k]), float(t[k])
+
+
 def image_f1max(scores: np.ndarray, labels: np.ndarray) -> float | None:
     """Best F1 over all thresholds of image scores."""
     y = np.asarray(labels).astype(bool)
-    if not _both_classes(y):
-        return None
-    p, r, _ = precision_recall_curve(y, scores)
-    return float(np.max(2 * p * r / np.maximum(p + r, 1e-12)))
+    return best_f1(scores, y)[0] if _both_classes(y) else None
 
 
 @dataclass
@@ -103,10 +114,9 @@ class PixelCurve:
 
     def f1max(self) -> tuple[float, float]:
         """(best F1, the threshold reaching it)."""
-        p, r = self.precision(), self.tp / self.positives
-        f1 = 2 * p * r / np.maximum(p + r, 1e-12)
-        k = int(np.argmax(f1))
-        return float(f1[k]), float(self.thresholds[k])
+        f = f1(self.precision(), self.tp / self.positives)
+        k = int(np.argmax(f))
+        return float(f[k]), float(self.thresholds[k])
 
     def index_of(self, t: np.ndarray) -> np.ndarray:
         """Index of the lowest listed threshold >= each ``t`` (predicting ``score >= t``)."""

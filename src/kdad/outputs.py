@@ -17,8 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from kdad.errors import KdadError
-
-EIGHT = np.ones((3, 3), bool)
+from kdad.metrics import EIGHT
 
 
 def upsample_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -33,6 +32,12 @@ def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> 
     color = colormaps["jet"](np.clip(heat, 0, 1))[:, :, :3]  # (H, W, 3)
     blend = (1 - alpha) * image + alpha * color
     return Image.fromarray((blend * 255).round().astype(np.uint8))
+
+
+def defect_mask(heat: np.ndarray, defect: bool) -> np.ndarray:
+    """The defect mask (H, W) bool: pixels whose normalised ``heat`` is >= 0.5 (the pixel
+    threshold), on a part judged defective only (none on a good part)."""
+    return (heat >= 0.5) & defect
 
 
 def find_instances(mask: np.ndarray, heat: np.ndarray) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ no labels): the score distribution and the highest-scoring images.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -22,8 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from kdad.data.layouts import KdadWarning
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
@@ -36,7 +34,7 @@ document.body.dataset.figures=im.length;
 document.body.dataset.rendered=im.filter(i=>i.complete&&i.naturalWidth>0).length;});</script>"""
 
 
-def _png(fig_or_image: Any) -> str:
+def png_uri(fig_or_image: Any) -> str:
     """A matplotlib figure or PIL image as a data URI."""
     buf = io.BytesIO()
     if isinstance(fig_or_image, Image.Image):
@@ -46,7 +44,7 @@ def _png(fig_or_image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _img(uri: str, alt: str, caption: str = "", cls: str = "") -> str:
+def img_tag(uri: str, alt: str, caption: str = "", cls: str = "") -> str:
     c = f' class="{cls}"' if cls else ""
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
     return f'<figure><img{c} src="{uri}" alt="{html.escape(alt)}">{cap}</figure>'
@@ -71,7 +69,7 @@ def _histogram(groups: dict[str, np.ndarray], threshold: float | None, title: st
     ax.set_ylabel("images")
     ax.set_title(title)
     ax.legend()
-    return _img(_png(fig), title)
+    return img_tag(png_uri(fig), title)
 
 
 def _curves(scores: np.ndarray, labels: np.ndarray) -> str:
@@ -84,7 +82,7 @@ def _curves(scores: np.ndarray, labels: np.ndarray) -> str:
     a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (images)")
     b.plot(r, p)
     b.set(xlabel="recall", ylabel="precision", title="precision-recall (images)")
-    return _img(_png(fig), "ROC and PR curves")
+    return img_tag(png_uri(fig), "ROC and PR curves")
 
 
 def _overlays(checkpoint: str, rows: list[dict[str, Any]], what: str) -> str:
@@ -104,11 +102,11 @@ def _overlays(checkpoint: str, rows: list[dict[str, Any]], what: str) -> str:
         img = read_image(r["path"])
         _, heat, _ = det.analyse(Path(r["path"]), img, pred.anomaly_map, pred.score)
         caption = f"{Path(r['path']).name} ({r.get('defect', '')}) score {r['score']:.4g}"
-        figs.append(_img(_png(heatmap_overlay(img, heat)), caption, caption, "thumb"))
+        figs.append(img_tag(png_uri(heatmap_overlay(img, heat)), caption, caption, "thumb"))
     return "".join(figs)
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}"
@@ -166,7 +164,7 @@ def labelled_report(metrics_file: Path, top: int = 6) -> str:
         "<h2>Worst false negatives (lowest-scoring defective images)</h2>",
         _overlays(ckpt, bad_rows, "defective images"),
     ]
-    return _page(
+    return html_page(
         f"kdad report: {res['protocol']['model']} on {res['protocol']['data']}", "".join(body)
     )
 
@@ -203,8 +201,8 @@ def unlabelled_report(pred_dir: Path, top: int = 12) -> str:
     for x in sorted(ok, key=lambda x: -x["score"])[:top]:
         img = Image.open(pred_dir / x["heatmap"])
         caption = f"{Path(x['path']).name} score {x['score']:.4g} {x['decision'] or ''}"
-        body.append(_img(_png(img), caption, caption, "thumb"))
-    return _page(f"kdad predictions: {pred_dir}", "".join(body))
+        body.append(img_tag(png_uri(img), caption, caption, "thumb"))
+    return html_page(f"kdad predictions: {pred_dir}", "".join(body))
 
 
 def build_report(source: str | Path, out: str | Path | None = None) -> Path:
@@ -221,29 +219,3 @@ def build_report(source: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out) if out else default
     path.write_text(page)
     return path
-
-
-def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Path:
-    """``folder``/gallery.html from a `kdad synth sample` folder: each of the first ``top``
-    defects beside its clean source and its mask."""
-    folder = Path(folder)
-    with open(folder / "synthetic.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:top]
-
-    def thumb(path: Path) -> str:
-        im = Image.open(path)
-        im.thumbnail((width, width))
-        return _png(im)
-
-    figures = [
-        "<div>"
-        + _img(thumb(Path(r["source"])), "source", f"source {Path(r['source']).name}", "thumb")
-        + _img(thumb(folder / r["image"]), "synthetic defect", r["image"], "thumb")
-        + _img(thumb(folder / r["mask"]), "mask", "its mask", "thumb")
-        + "</div>"
-        for r in rows
-    ]
-    intro = f"<p>The first {len(rows)} synthetic defects of {html.escape(str(folder))}.</p>"
-    out = folder / "gallery.html"
-    out.write_text(_page("kdad synthetic defects", intro + "".join(figures)))
-    return out

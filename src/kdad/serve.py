@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kdad.engine.pool import cores_per
 from kdad.export import load_runner
-from kdad.outputs import find_instances, heatmap_overlay, upsample_map
+from kdad.outputs import defect_mask, find_instances, heatmap_overlay, upsample_map
 
 IMAGE_TYPES = {
     "image/png",
@@ -118,7 +118,7 @@ def create_app(
         h, w = rgb.shape[:2]
         heat = np.clip(upsample_map(out["map"][0], h, w), 0, 1)  # (H, W), 0.5 = pixel threshold
         defect = bool(out["defect"][0])
-        mask = (heat >= 0.5) & defect
+        mask = defect_mask(heat, defect)
         answer: dict[str, Any] = {
             "filename": name,
             "width": w,

@@ -5,7 +5,6 @@ models that learn from them."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from torch.utils.data import Dataset
 from kdad.data import augment as views
 from kdad.data.io import image_shape, read_image, read_mask
 from kdad.data.layouts import Sample
-from kdad.data.synth import synthesize
 from kdad.errors import KdadError
 
 
@@ -136,6 +134,11 @@ class TrainSet(ImageDataset):
         views.check_augment(list(augment), self.size)
         self.seed, self.augment, self.epoch = seed, list(augment), 0
 
+    @property
+    def repeats(self) -> bool:
+        """Whether every epoch shows the same images (no views): what a cache may rely on."""
+        return not self.augment
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -146,104 +149,3 @@ class TrainSet(ImageDataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         x = views.apply(self.load(self.samples[i].path), self.view(i))  # (3, H, W)
         return {"image": (x - self.mean) / self.std, "index": torch.tensor(i)}
-
-
-class SyntheticValidationSet(ImageDataset):
-    """Held-out good images, each twice: as it is (label 0) and with a synthetic Perlin defect
-    (label 1, its mask). The defects are fixed by ``seed``: the same set every epoch and run."""
-
-    def __init__(
-        self,
-        samples: list[Sample],
-        image_size: int,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        seed: int = 0,
-    ) -> None:
-        super().__init__(samples, image_size, mean, std)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return 2 * len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        n = len(self.samples)
-        x = self.load(self.samples[i % n].path)  # (3, H, W)
-        mask = torch.zeros(self.size)
-        if i >= n:
-            img, m = synthesize(x.permute(1, 2, 0).numpy(), np.random.default_rng([self.seed, i]))
-            x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m).float()
-        return {
-            "image": (x - self.mean) / self.std,
-            "mask": mask,
-            "has_mask": torch.tensor(True),
-            "label": torch.tensor(int(i >= n)),
-            "index": torch.tensor(i),
-        }
-
-
-class SyntheticTrainSet(TrainSet):
-    """Good training images for models that learn from synthetic defects: each item is the
-    image with a defect (probability ``defect_prob``) or as it is, its clean version and the
-    defect's mask, all in one random view of ``augment``. Defects are Perlin ones drawn afresh
-    each epoch, or, given ``bank`` (triples of defective image, mask and clean source from `kdad
-    synth sample`), drawn from the bank. Everything is fixed by (seed, epoch, index): resuming
-    replays the same defects."""
-
-    def __init__(
-        self,
-        samples: list[Sample],
-        image_size: int | tuple[int, int],
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        seed: int = 0,
-        augment: list[str] | tuple[str, ...] = (),
-        defect_prob: float = 0.5,
-        bank: list[tuple[Path, Path, Path]] | None = None,
-    ) -> None:
-        super().__init__(samples, image_size, mean, std, seed, augment)
-        self.defect_prob, self.bank = defect_prob, bank
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        clean = self.load(self.samples[i].path)  # (3, H, W)
-        x, mask = clean, torch.zeros(self.size)
-        if rng.random() < self.defect_prob:
-            if self.bank:
-                image, mask_path, source = self.bank[rng.integers(len(self.bank))]
-                x, clean = self.load(image), self.load(source)
-                mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
-            else:
-                img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng)
-                x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m)
-        view = self.view(i)
-        x, clean, mask = (views.apply(t, view) for t in (x, clean, mask.float()))
-        return {
-            "image": (x - self.mean) / self.std,
-            "clean": (clean - self.mean) / self.std,
-            "mask": mask,
-            "label": torch.tensor(int(bool(mask.any()))),
-            "index": torch.tensor(i),
-        }
-
-
-def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, Path]]:
-    """The (image, mask, source) triples listed in ``folder``/synthetic.csv whose source is one
-    of ``keep`` (images held out of fitting never enter training through their copies)."""
-    folder = Path(folder)
-    index = folder / "synthetic.csv"
-    if not index.is_file():
-        raise KdadError(f"{folder}: no synthetic.csv here; write one with `kdad synth sample`")
-    allowed = {s.path.resolve() for s in keep}
-    with open(index, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"image", "mask", "source"} <= set(rows[0]):
-        raise KdadError(f"{index}: needs columns image, mask, source")
-    bank = [
-        (folder / r["image"], folder / r["mask"], Path(r["source"]))
-        for r in rows
-        if Path(r["source"]).resolve() in allowed
-    ]
-    if not bank:
-        raise KdadError(f"{index}: none of its {len(rows)} defects comes from a training image")
-    return bank

@@ -15,8 +15,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from kdad.config import DataConfig
 from kdad.data.io import is_image_file
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
 
 LAYOUTS = ("auto", "mvtec", "folder", "mtd")
 SPLITS = {  # how each layout splits train and test, for results tables
@@ -25,10 +26,6 @@ SPLITS = {  # how each layout splits train and test, for results tables
     "mtd": "DifferNet split: 761 MT_Free images to fit; the other 191 and all 392 defective "
     "images to test",
 }
-
-
-class KdadWarning(UserWarning):
-    """A problem in the data that does not stop the run."""
 
 
 @dataclass(frozen=True)
@@ -268,3 +265,11 @@ def split_holdout(samples: list[Sample], fraction: float) -> tuple[list[Sample],
         [s for i, s in enumerate(samples) if i not in held],
         [s for i, s in enumerate(samples) if i in held],
     )
+
+
+def training_samples(d: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    """The good training images of ``d``: (those a model fits on, those held out to calibrate)."""
+    samples = find_samples(
+        d.path, "train", d.layout, d.category, d.normal_dir, d.abnormal_dir, d.mask_dir
+    )
+    return split_holdout(samples, d.holdout)

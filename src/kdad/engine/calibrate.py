@@ -15,6 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from kdad.errors import KdadError
+from kdad.metrics import best_f1
 
 
 def calibrate(
@@ -44,18 +45,16 @@ def calibrate(
 
 
 def normalise(v: Tensor | np.ndarray, threshold: float, low: float) -> Tensor | np.ndarray:
-    """Raw scores or maps to [0, 1] with ``threshold`` at 0.5 (see the module docstring)."""
-    x = 0.5 * (v - low) / (threshold - low)
-    return x.clamp(0, 1) if isinstance(x, Tensor) else np.clip(x, 0, 1)
+    """Raw scores or maps to [0, 1] with ``threshold`` at 0.5 (see the module docstring).
+
+    Only operations that numpy and torch share, so the ONNX export runs this very function.
+    """
+    return (0.5 * (v - low) / (threshold - low)).clip(0, 1)
 
 
 def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     """The image threshold maximising F1 on an explicitly labelled validation set."""
-    from sklearn.metrics import precision_recall_curve
-
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         raise KdadError("an F1 threshold needs both good and defective validation images")
-    p, r, t = precision_recall_curve(labels, scores)
-    f1 = 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12)
-    return float(t[int(np.argmax(f1))])
+    return best_f1(scores, labels)[1]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kdad.errors import KdadError
+from kdad.files import atomic_write
 
 FORMAT = "kdad-checkpoint"
 VERSION = 1
@@ -18,13 +19,14 @@ VERSION = 1
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (must hold "config" and "model") to a temp file, fsync, then rename over
     ``path``: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

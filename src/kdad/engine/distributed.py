@@ -47,6 +47,21 @@ def current() -> Rank:
         raise KdadError(f"bad torchrun environment: {e}") from e
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is a CUDA GPU when there is one (the rank's own under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", current().local)
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise KdadError(f"unknown device {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdadError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return dev
+
+
 def ensure_group(device: torch.device) -> Rank:
     """Join the process group when there are several ranks (once per process): NCCL for CUDA
     devices, gloo for the CPU. Rendezvous is torchrun's (MASTER_ADDR, MASTER_PORT)."""

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from kdad.engine.infer import infer
 from kdad.errors import KdadError
+from kdad.files import atomic_write
 from kdad.metrics import compute_metrics
 from kdad.models import KDModel
 
@@ -36,17 +37,20 @@ class Evaluation:
         """An .npz anyone can recompute every metric from: maps, masks, labels, scores, paths."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(
-            tmp,
-            maps=self.maps,
-            masks=self.masks,
-            labels=self.labels,
-            scores=self.scores,
-            has_mask=self.has_mask,
-            paths=np.array(paths),
-        )
-        tmp.replace(path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file, so that numpy adds no .npz to the name
+                np.savez(
+                    f,
+                    maps=self.maps,
+                    masks=self.masks,
+                    labels=self.labels,
+                    scores=self.scores,
+                    has_mask=self.has_mask,
+                    paths=np.array(paths),
+                )
+
+        atomic_write(path, write)
 
 
 def evaluate_model(model: KDModel, ds: Dataset, batch_size: int = 16) -> Evaluation:

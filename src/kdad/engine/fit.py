@@ -4,74 +4,61 @@ and resume that reproduces an unbroken run exactly.
 Under torchrun it is data-parallel: DistributedDataParallel over the trainable parts,
 BatchNorm over the global batch, each rank a DistributedSampler shard of every global batch
 (``train.batch_size`` is the global batch), and rank 0 alone validating, logging, showing
-progress and writing checkpoints."""
+progress and writing checkpoints.
+
+The loop knows no method: the model says what it trains on (``train_set``) and in which
+phases (``phases``)."""
 
 from __future__ import annotations
 
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from kdad.backbones import get_spec
-from kdad.config import DataConfig, RunConfig, save_config
-from kdad.data.dataset import (
-    SyntheticTrainSet,
-    SyntheticValidationSet,
-    TrainSet,
-    input_hw,
-    read_bank,
-    squash_advice,
-)
-from kdad.data.layouts import KdadWarning, Sample, find_samples, split_holdout
+from kdad.config import RunConfig, save_config
+from kdad.data.dataset import TrainSet, input_hw, squash_advice
+from kdad.data.layouts import training_samples
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdad.engine.distributed import Rank, broadcast, current, ensure_group, sync_batchnorm
+from kdad.engine.distributed import (
+    Rank,
+    broadcast,
+    current,
+    ensure_group,
+    resolve_device,
+    sync_batchnorm,
+)
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.lock import run_lock
 from kdad.engine.schedule import (
     Pace,
+    phase_at,
+    phase_warnings,
     plan_message,
     should_stop,
     stop_message,
     validation_interval,
 )
-from kdad.engine.teacher_cache import build_cache, teacher_eligible
-from kdad.errors import KdadError
+from kdad.engine.teacher_cache import TeacherCache, build_cache, teacher_eligible
+from kdad.errors import KdadError, KdadWarning
 from kdad.metrics import METRIC_NAMES
-from kdad.models import MODELS, KDModel, build_model
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" is a CUDA GPU when there is one (the rank's own under torchrun), else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", current().local)
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise KdadError(f"unknown device {name!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdadError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return dev
-
-
-def model_from_config(cfg: RunConfig, pretrained: bool = True) -> KDModel:
-    """The configured model; ``pretrained=False`` skips teacher weights (a checkpoint has them)."""
-    m = cfg.model
-    return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
+from kdad.models import KDModel, Phase, absolute_options, model_from_config
+from kdad.synth.datasets import SyntheticValidationSet
 
 
 def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) -> None:
     """One eval pass at the input size, so that feature maps which do not line up at this size
     are a clear error before training, not a shape mismatch inside it."""
-    strides = getattr(getattr(model, "teacher", None), "strides", [32])
     model.eval()
     try:
         with torch.no_grad():
@@ -82,40 +69,19 @@ def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) 
         raise KdadError(
             f"image_size {hw[0]}x{hw[1]} does not suit this model and its stages: their feature "
             f"maps do not line up ({str(e).splitlines()[0]}); use sides that are multiples of "
-            f"{2 * max(strides)}"
+            f"{2 * max(model.teacher.strides)}"
         ) from e
 
 
-def training_samples(d: DataConfig) -> tuple[list[Sample], list[Sample]]:
-    """The good training images: (those a model fits on, those held out to calibrate)."""
-    samples = find_samples(
-        d.path, "train", d.layout, d.category, d.normal_dir, d.abnormal_dir, d.mask_dir
-    )
-    return split_holdout(samples, d.holdout)
-
-
-def datasets(cfg: RunConfig) -> tuple[TrainSet, SyntheticValidationSet | None]:
-    """The good training images of ``cfg.data`` to fit, and the validation set made from the
-    held-out fraction (``data.holdout``) with synthetic defects; None when nothing is held out."""
+def datasets(cfg: RunConfig, model: KDModel) -> tuple[TrainSet, SyntheticValidationSet | None]:
+    """What ``model`` trains on, from the good training images of ``cfg.data``, and the
+    validation set made from the held-out fraction (``data.holdout``) with synthetic defects;
+    None when nothing is held out."""
     d = cfg.data
     fit_samples, held = training_samples(d)
     spec = get_spec(cfg.model.backbone)
-    cls = MODELS.get(cfg.model.name)
-    if cls is not None and cls.needs_synthetic:
-        opt = cls.Options(**cfg.model.options)
-        bank = read_bank(opt.ddpm_samples, fit_samples) if opt.defects == "ddpm" else None
-        train = SyntheticTrainSet(
-            fit_samples,
-            d.image_size,
-            spec.mean,
-            spec.std,
-            cfg.train.seed,
-            d.augment,
-            opt.defect_prob,
-            bank,
-        )
-    else:
-        train = TrainSet(fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, d.augment)
+    images = TrainSet(fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, d.augment)
+    train = model.train_set(images)
     val = SyntheticValidationSet(held, d.image_size, spec.mean, spec.std) if held else None
     return train, val
 
@@ -164,9 +130,71 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         return _fit(cfg, resume, progress)
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds while its epochs go by."""
+
+    cfg: RunConfig
+    out: Path
+    r: Rank
+    device: torch.device
+    model: KDModel
+    net: nn.Module  # what runs the training forward pass (the model, or DDP around it)
+    opt: torch.optim.Optimizer
+    ds: TrainSet
+    val: SyntheticValidationSet | None
+    phases: list[Phase]
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    start: int  # the first epoch to train (0-based)
+    cache: TeacherCache | None = None
+
+    @property
+    def holdout(self) -> list[str]:
+        return [str(s.path) for s in self.val.samples] if self.val else []
+
+
 def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
+    cfg, state = _start(cfg, resume)
+    run = _setup(cfg, state)
+    t, r, say = cfg.train, run.r, progress and run.r.main
+    steps = len(_loader(run.ds, cfg, 0, r))
+    every = validation_interval(t.val_every, steps)
+    _warn(run, steps, state is None)
+    if say:
+        held = len(run.val.samples) if run.val else 0
+        plan = (cfg.model.name, len(run.ds), held, t.epochs, steps, every, t.patience, t.select)
+        tqdm.write(plan_message(*plan), file=sys.stderr)
+    # a resumed run that had already stopped early trains no further
+    last = run.start if should_stop(run.history, run.best, t.patience) else t.epochs
+    if last > run.start:
+        _fill_cache(run, say)
+    pace = Pace(steps, t.epochs * steps - run.start * steps)
+    bar = tqdm(
+        total=t.epochs * steps,
+        initial=run.start * steps,
+        disable=not say,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    for epoch in range(run.start, last):
+        entry = _train_epoch(run, epoch, bar, pace, say)
+        if not r.main:
+            if broadcast(False):  # rank 0's decision to stop early
+                break
+            continue
+        due = (epoch + 1) % every == 0 or epoch + 1 == t.epochs
+        if _end_epoch(run, epoch, entry, due and phase_at(run.phases, epoch).scoring, bar):
+            if say:
+                tqdm.write(stop_message(epoch + 1, run.history, run.best), file=sys.stderr)
+            break
+    bar.close()
+    return broadcast(run.out / "best.pt" if run.best else run.out / "checkpoint.pt")
+
+
+def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The run's config, checked, and the checkpoint it resumes (None for a new run)."""
+    ckpt_path = Path(cfg.out) / "checkpoint.pt"
     state = None
     if resume:
         if not ckpt_path.is_file():
@@ -187,8 +215,13 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     input_hw(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
-    if cfg.model.options.get("ddpm_samples"):  # likewise the synthetic defects' folder
-        cfg.model.options["ddpm_samples"] = str(Path(cfg.model.options["ddpm_samples"]).resolve())
+    cfg.model.options = absolute_options(cfg.model)
+    return cfg, state
+
+
+def _setup(cfg: RunConfig, state: dict[str, Any] | None) -> _Run:
+    """Seeded model, data, data-parallel wrapper and optimiser; resumed from ``state``."""
+    t, out = cfg.train, Path(cfg.out)
     device = resolve_device(t.device)
     r = ensure_group(device)
     if t.batch_size % r.world:
@@ -196,20 +229,19 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     if r.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-
     torch.manual_seed(t.seed)
-    ds, val = datasets(cfg)
-    # channels-last: about 1.5x faster training steps on CPU (measured on the RD family)
-    model = model_from_config(cfg, pretrained=state is None).to(
+    # channels-last: about 1.5x faster training steps on CPU (measured on the distillation models)
+    model = model_from_config(cfg.model, pretrained=state is None).to(
         device, memory_format=torch.channels_last
     )
+    ds, val = datasets(cfg, model)
     if state is not None:
         model.load_state_dict(state["model"])
     check_input_size(model, ds.size, device)
-    net = model  # what runs the training forward pass
+    net: nn.Module = model
     if r.world > 1:
         model = sync_batchnorm(model, device)
-        # some parameters sit out some steps (DeST-DDPM's two phases)
+        # some parameters sit out some steps (a phased model's)
         net = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -222,103 +254,103 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         start, history, best = state["epoch"], list(state["history"]), state.get("best")
-    holdout = [str(s.path) for s in val.samples] if val else []
+    phases = model.phases(t.epochs)
+    return _Run(cfg, out, r, device, model, net, opt, ds, val, phases, history, best, start)
 
-    steps = len(_loader(ds, cfg, 0, r))
-    every = validation_interval(t.val_every, steps)
-    if r.main and (message := model.budget_warning(steps, t.epochs)):
-        warnings.warn(message, KdadWarning, stacklevel=2)
-    if r.main and not state and (message := squash_advice(ds.samples, ds.size)):
-        warnings.warn(message, KdadWarning, stacklevel=2)
-    say = progress and r.main
-    if say:
-        held = len(val.samples) if val else 0
-        plan = (cfg.model.name, len(ds), held, t.epochs, steps, every, t.patience, t.select)
-        tqdm.write(plan_message(*plan), file=sys.stderr)
-    # a resumed run that had already stopped early trains no further
-    last = start if should_stop(history, best, t.patience) else t.epochs
-    cache, teacher = None, getattr(model, "teacher", None)
-    wanted = last > start and t.teacher_cache_gb > 0 and teacher_eligible(ds, model)
-    if teacher is not None and wanted:
-        cache = build_cache(teacher, ds, device, t.teacher_cache_gb * 2**30)
-        teacher.cache = cache
-        if say and cache is not None:
-            tqdm.write(
-                f"kdad: teacher features of the {len(ds)} training images computed once "
-                f"({cache.nbytes / 2**20:.0f} MB)",
-                file=sys.stderr,
-            )
-    pace = Pace(steps, t.epochs * steps - start * steps)
-    bar = tqdm(
-        total=t.epochs * steps,
-        initial=start * steps,
-        disable=not (progress and r.main),
-        unit="step",
-        dynamic_ncols=True,
-    )
-    for epoch in range(start, last):
-        model.start_epoch(epoch, t.epochs)
-        ds.set_epoch(epoch)
-        net.train()
-        tic = time.perf_counter()
-        sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank
-        for batch in _loader(ds, cfg, epoch, r):
-            batch = {k: _to(v, device) for k, v in batch.items()}
-            if cache is not None:
-                cache.give(batch["index"])
-            parts = model.loss(batch, net(batch["image"]))
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            opt.step()
-            sums += torch.tensor([parts["loss"].item() * len(batch["image"]), len(batch["image"])])
-            bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
-            if (message := pace.step()) and say:
-                tqdm.write(message, file=sys.stderr)
-        if r.world > 1:
-            torch.distributed.all_reduce(sums)
-        entry = {
-            "epoch": epoch + 1,
-            "loss": float(sums[0] / sums[1]),
-            "seconds": time.perf_counter() - tic,
-        }
-        if not r.main:
-            if broadcast(False):  # rank 0's decision to stop early
-                break
-            continue
-        state = {
-            "config": cfg.to_dict(),
-            "model": model.state_dict(),
-            "epoch": epoch + 1,
-            "calibration": None,
-            "holdout": holdout,
-        }
-        due = (epoch + 1) % every == 0 or epoch + 1 == t.epochs
-        if val is not None and due and model.scoring:
-            ev = evaluate_model(model, val, t.batch_size)
-            entry["val"] = ev.metrics()
-            good = ev.labels == 0  # the held-out good images as they are
-            c = cfg.calibration
-            state["calibration"] = calibrate(
-                ev.scores[good], ev.maps[good], c.false_alarm_rate, c.pixel_quantile
-            )
-            value = entry["val"][t.select]
-            if value is not None and (best is None or value > best["value"]):
-                best = {"epoch": epoch + 1, "metric": t.select, "value": value}
-                save_checkpoint(
-                    out / "best.pt", {**state, "history": [*history, entry], "best": best}
-                )
-            bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", **{f"val_{t.select}": value})
-        history.append(entry)
-        stop = broadcast(should_stop(history, best, t.patience))
-        if stop:
-            entry["stopped_early"] = True
-        save_checkpoint(
-            ckpt_path, {**state, "history": history, "best": best, "optimizer": opt.state_dict()}
+
+def _warn(run: _Run, steps: int, new: bool) -> None:
+    """Warnings before training: phases too short to learn, images squashed out of shape."""
+    if not run.r.main:
+        return
+    for message in phase_warnings(run.cfg.model.name, run.phases, run.cfg.train.epochs, steps):
+        warnings.warn(message, KdadWarning, stacklevel=4)
+    if new and (message := squash_advice(run.ds.samples, run.ds.size)):
+        warnings.warn(message, KdadWarning, stacklevel=4)
+
+
+def _fill_cache(run: _Run, say: bool) -> None:
+    """The frozen teacher's features of every training image, once, when its inputs repeat."""
+    gb = run.cfg.train.teacher_cache_gb
+    if gb <= 0 or not teacher_eligible(run.ds):
+        return
+    run.cache = build_cache(run.model.teacher, run.ds, run.device, gb * 2**30)
+    run.model.teacher.cache = run.cache
+    if say and run.cache is not None:
+        tqdm.write(
+            f"kdad: teacher features of the {len(run.ds)} training images computed once "
+            f"({run.cache.nbytes / 2**20:.0f} MB)",
+            file=sys.stderr,
         )
-        if stop:
-            if say:
-                tqdm.write(stop_message(epoch + 1, history, best), file=sys.stderr)
-            break
-    bar.close()
-    return broadcast(out / "best.pt" if best else ckpt_path)
+
+
+def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dict[str, Any]:
+    """One epoch of optimiser steps in its phase; its history entry (loss, seconds)."""
+    t = run.cfg.train
+    run.model.phase = phase_at(run.phases, epoch).name
+    run.ds.set_epoch(epoch)
+    run.net.train()
+    tic = time.perf_counter()
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank
+    for batch in _loader(run.ds, run.cfg, epoch, run.r):
+        batch = {k: _to(v, run.device) for k, v in batch.items()}
+        if run.cache is not None:
+            run.cache.give(batch["index"])
+        parts = run.model.loss(batch, run.net(batch["image"]))
+        run.opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        run.opt.step()
+        sums += torch.tensor([parts["loss"].item() * len(batch["image"]), len(batch["image"])])
+        bar.update()
+        bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
+        if (message := pace.step()) and say:
+            tqdm.write(message, file=sys.stderr)
+    if run.r.world > 1:
+        torch.distributed.all_reduce(sums)
+    return {
+        "epoch": epoch + 1,
+        "loss": float(sums[0] / sums[1]),
+        "seconds": time.perf_counter() - tic,
+    }
+
+
+def _end_epoch(run: _Run, epoch: int, entry: dict[str, Any], validate: bool, bar: tqdm) -> bool:
+    """Rank 0 after an epoch: validate when asked and keep the best, write the checkpoint;
+    whether to stop early."""
+    t = run.cfg.train
+    state = {
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "epoch": epoch + 1,
+        "calibration": None,
+        "holdout": run.holdout,
+    }
+    if run.val is not None and validate:
+        _validate(run, entry, state, bar)
+    run.history.append(entry)
+    stop = broadcast(should_stop(run.history, run.best, t.patience))
+    if stop:
+        entry["stopped_early"] = True
+    save_checkpoint(
+        run.out / "checkpoint.pt",
+        {**state, "history": run.history, "best": run.best, "optimizer": run.opt.state_dict()},
+    )
+    return stop
+
+
+def _validate(run: _Run, entry: dict[str, Any], state: dict[str, Any], bar: tqdm) -> None:
+    """Score the validation set into ``entry``, calibrate on its good images into ``state``,
+    and write best.pt when this epoch beats the best so far."""
+    t, c = run.cfg.train, run.cfg.calibration
+    ev = evaluate_model(run.model, run.val, t.batch_size)
+    entry["val"] = ev.metrics()
+    good = ev.labels == 0  # the held-out good images as they are
+    state["calibration"] = calibrate(
+        ev.scores[good], ev.maps[good], c.false_alarm_rate, c.pixel_quantile
+    )
+    value = entry["val"][t.select]
+    if value is not None and (run.best is None or value > run.best["value"]):
+        run.best = {"epoch": entry["epoch"], "metric": t.select, "value": value}
+        save_checkpoint(
+            run.out / "best.pt", {**state, "history": [*run.history, entry], "best": run.best}
+        )
+    bar.set_postfix(epoch=f"{entry['epoch']}/{t.epochs}", **{f"val_{t.select}": value})

@@ -7,6 +7,8 @@ import math
 import time
 from typing import Any
 
+from kdad.models import Phase
+
 VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
 
 
@@ -15,6 +17,26 @@ def validation_interval(val_every: int, steps_per_epoch: int) -> int:
     has ``VAL_STEPS`` steps or more, or as many epochs as make ``VAL_STEPS`` steps (a small set,
     two steps an epoch, validates every 20 epochs: patience then means the same work anywhere)."""
     return val_every or max(1, math.ceil(VAL_STEPS / max(steps_per_epoch, 1)))
+
+
+def phase_at(phases: list[Phase], epoch: int) -> Phase:
+    """The phase that epoch ``epoch`` (0-based) belongs to: the last one started by then."""
+    return [p for p in phases if p.start <= epoch][-1]
+
+
+def phase_warnings(model: str, phases: list[Phase], epochs: int, steps: int) -> list[str]:
+    """A warning for each phase that gets fewer optimiser steps than it needs to learn, in a
+    run of ``epochs`` of ``steps`` steps each."""
+    ends = [p.start for p in phases[1:]] + [epochs]
+    out = []
+    for p, end in zip(phases, ends):
+        got = max(0, min(end, epochs) - p.start) * steps
+        if got < p.min_steps:
+            out.append(
+                f"{model}: the {p.name} gets {got} optimiser steps ({steps} a epoch); it needs "
+                f"about {p.min_steps}: raise --epochs"
+            )
+    return out
 
 
 def stale_validations(history: list[dict[str, Any]], best: dict[str, Any] | None) -> int:

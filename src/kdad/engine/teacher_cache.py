@@ -14,7 +14,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from kdad.data.dataset import TrainSet
-from kdad.models import KDModel
 
 CHUNK = 16  # images per teacher pass while filling the cache
 
@@ -43,10 +42,10 @@ class TeacherCache:
         return [f[idx].contiguous(memory_format=torch.channels_last) for f in self.feats]
 
 
-def teacher_eligible(ds: TrainSet, model: KDModel) -> bool:
-    """Whether the teacher's inputs repeat every epoch: plain training images, no views, no
-    synthetic defects."""
-    return not model.needs_synthetic and not ds.augment
+def teacher_eligible(ds: TrainSet) -> bool:
+    """Whether the teacher's inputs repeat every epoch: plain training images (no views, no
+    synthetic defects)."""
+    return ds.repeats
 
 
 @torch.no_grad()

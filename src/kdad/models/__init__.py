@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+from kdad.config import ModelConfig
 from kdad.errors import KdadError
-from kdad.models.base import KDModel, Output
+from kdad.models.base import KDModel, Output, Phase
 from kdad.models.bsdrd import BSDRD
 from kdad.models.dest_ddpm import DeSTDDPM
 from kdad.models.iig_rd import IIGRD
@@ -42,4 +44,27 @@ def build_model(
     return cls(backbone, stages, pretrained, weights, cls.Options(**(options or {})))
 
 
-__all__ = ["MODELS", "KDModel", "Output", "build_model"]
+def model_from_config(m: ModelConfig, pretrained: bool = True) -> KDModel:
+    """The configured model; ``pretrained=False`` skips teacher weights (a checkpoint has them)."""
+    return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
+
+
+def absolute_options(m: ModelConfig) -> dict:
+    """``m.options`` with the options that name files (``path`` in their field's metadata)
+    made absolute, so that a run can be tested and resumed from anywhere."""
+    cls = MODELS.get(m.name)
+    if cls is None:
+        return m.options
+    paths = {f.name for f in dataclasses.fields(cls.Options) if f.metadata.get("path")}
+    return {k: str(Path(v).resolve()) if k in paths and v else v for k, v in m.options.items()}
+
+
+__all__ = [
+    "MODELS",
+    "KDModel",
+    "Output",
+    "Phase",
+    "absolute_options",
+    "build_model",
+    "model_from_config",
+]

@@ -1,10 +1,18 @@
-"""The model contract every kdad method follows (see DESIGN.md)."""
+"""The model contract every kdad method follows (docs/design.md).
+
+A method is one subclass of ``KDModel`` in one file and one line in ``MODELS``: the base class
+builds the frozen teacher and the options; the subclass adds its student, its typed training
+output, its loss and, when it needs them, its own training set and training phases.
+"""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
+
+from kdad.data.dataset import TrainSet
+from kdad.models.teacher import Teacher
 
 
 class Output(NamedTuple):
@@ -14,33 +22,55 @@ class Output(NamedTuple):
     score: Tensor  # (B,) image anomaly score
 
 
-class KDModel(nn.Module):
-    """A teacher-student detector: train mode returns what ``loss`` needs, eval mode ``Output``.
+class Phase(NamedTuple):
+    """A stretch of training from epoch ``start`` (0-based) to the next phase's start."""
 
-    Subclasses set ``Options`` to a dataclass of their own settings (``cfg.model.options``).
+    name: str  # the model's ``phase`` while it runs: what trains
+    start: int
+    scoring: bool = True  # eval output is the model's own: validation, calibration, best.pt count
+    min_steps: int = 0  # optimiser steps below which the phase learns too little (a warning)
+
+
+class KDModel(nn.Module):
+    """A teacher-student detector: train mode returns what ``loss`` needs (a NamedTuple), eval
+    mode ``Output``.
+
+    Subclasses set ``Options`` to a dataclass of their own settings (``cfg.model.options``);
+    fields whose metadata has ``path=True`` name files, made absolute when a run starts.
     """
 
     Options: type = object
-    needs_synthetic: bool = False  # the dataset adds synthetic defects and masks when True
-    score_rule: str = ""  # how the image score comes from the map, for results tables
+    phase: str = ""  # the current phase's name, set by the training loop before every epoch
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        stages: list[str] | None = None,
+        pretrained: bool = True,
+        weights: str | None = None,
+        options: Any = None,
+    ) -> None:
+        super().__init__()
+        self.opt = options or self.Options()
+        self.teacher = Teacher(backbone, stages, pretrained, weights)
+
+    @property
+    def score_rule(self) -> str:
+        """How the image score comes from the map, for results tables."""
+        raise NotImplementedError
 
     def loss(self, batch: dict[str, Tensor], out: Any) -> dict[str, Tensor]:
         """``{"loss": total, **named parts to log}`` for a training batch."""
         raise NotImplementedError
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Called by the training loop before each epoch (0-based): for phased training."""
+    def train_set(self, images: TrainSet) -> TrainSet:
+        """What the model trains on, given the good training images (in their training views):
+        by default those images."""
+        return images
 
-    @property
-    def scoring(self) -> bool:
-        """Whether eval output is already the model's own (a phased model's scoring part may
-        not have trained yet): validation, calibration and best.pt only count such epochs."""
-        return True
-
-    def budget_warning(self, steps_per_epoch: int, epochs: int) -> str | None:
-        """A warning when ``epochs`` of ``steps_per_epoch`` optimiser steps are too few for
-        this model to learn, else None."""
-        return None
+    def phases(self, epochs: int) -> list[Phase]:
+        """The training phases of a run of ``epochs``, in order: by default one."""
+        return [Phase("train", 0)]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: everything but the frozen ``teacher``, in one group."""

@@ -19,16 +19,28 @@ sentence each part comes from and what was chosen where it is silent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
+from kdad.models.base import Output
+from kdad.models.distill import decode, rd_loss
 from kdad.models.layers import GatedFusion, SelectiveFusion, conv_bn_relu, haar_dwt, kaiming_init
-from kdad.models.rd import RD, decode, rd_loss, smoothed_output
+from kdad.models.rd import RD
 
 BANDS = ("LL", "LH", "HL", "HH")
+
+
+class Dual(NamedTuple):
+    """Training output: the teacher's features, each student's and their blend."""
+
+    teacher: list[Tensor]  # each (B, C_i, h_i, w_i)
+    struct: list[Tensor]  # the same shapes
+    detail: list[Tensor] | None  # the same shapes; None without the detail student
+    blend: list[Tensor]  # the same shapes
 
 
 class BSDRD(RD):
@@ -42,33 +54,22 @@ class BSDRD(RD):
         gated_fusion: bool = True  # MD-GFLoss gate (off: the two students averaged)
         aux_weight: float = 0.5  # weight of each student's own loss beside the blend's
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        stages: list[str] | None = None,
-        pretrained: bool = True,
-        weights: str | None = None,
-        options: BSDRD.Options | None = None,
-    ) -> None:
-        opt = options or BSDRD.Options()
-        super().__init__(backbone, stages, pretrained, weights, opt)
-        self.opt = opt
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opt = self.opt
         ch = self.teacher.channels
         n, c_last, c_emb = len(ch), ch[-1], 2 * ch[-1]
         self.scale_attention = SelectiveFusion(c_last, n) if opt.dynamic_fusion else None
         if opt.detail:
-            bad = set(opt.bands) - set(BANDS)
-            if bad or not opt.bands:
+            if not opt.bands or set(opt.bands) - set(BANDS):
                 raise KdadError(f"bands must be a non-empty subset of {BANDS}, got {opt.bands}")
             self.band_index = [BANDS.index(b) for b in opt.bands]
             self.detail_in = conv_bn_relu(len(opt.bands) * n * c_last, c_emb)
-            cins = [c_emb, *ch[::-1][:-1]]
             self.detail_decoder = nn.ModuleList(
                 make_stage("bottleneck", cin, cout, 1, 2, transposed=True, width_factor=1.0)
-                for cin, cout in zip(cins, ch[::-1])
+                for cin, cout in zip([c_emb, *ch[::-1][:-1]], ch[::-1])
             )
-            kaiming_init(self.detail_in)
-            kaiming_init(self.detail_decoder)
+            kaiming_init(self.detail_in, self.detail_decoder)
             self.gates = nn.ModuleList(GatedFusion(c) for c in ch) if opt.gated_fusion else None
 
     def _fused(self, feats: list[Tensor]) -> Tensor:
@@ -97,23 +98,21 @@ class BSDRD(RD):
             return [(a + b) / 2 for a, b in zip(struct, detail)]
         return [g(a, b) for g, a, b in zip(self.gates, struct, detail)]
 
-    def forward(self, x: Tensor):
-        """(B, 3, H, W) -> train: (teacher, struct, detail, blend); eval: Output."""
+    def forward(self, x: Tensor) -> Dual | Output:
+        """(B, 3, H, W) -> train: Dual; eval: Output."""
         with torch.no_grad():
             t = self.teacher(x)
         struct, detail = self.students(t)
         s = self.blend(struct, detail)
         if self.training:
-            return t, struct, detail, s
-        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
+            return Dual(t, struct, detail, s)
+        return self.output(t, s, x)
 
-    def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
-        t, struct, detail, s = out
-        parts = {"blend": sum(rd_loss(t, s))}
-        if detail is not None:
-            parts["struct"] = sum(rd_loss(t, struct))
-            parts["detail"] = sum(rd_loss(t, detail))
-            total = parts["blend"] + self.opt.aux_weight * (parts["struct"] + parts["detail"])
-        else:
-            total = parts["blend"]
+    def loss(self, batch: dict[str, Tensor], out: Dual) -> dict[str, Tensor]:
+        parts = {"blend": sum(rd_loss(out.teacher, out.blend))}
+        total = parts["blend"]
+        if out.detail is not None:
+            parts["struct"] = sum(rd_loss(out.teacher, out.struct))
+            parts["detail"] = sum(rd_loss(out.teacher, out.detail))
+            total = total + self.opt.aux_weight * (parts["struct"] + parts["detail"])
         return {"loss": total, **parts}

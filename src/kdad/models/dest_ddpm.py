@@ -20,7 +20,8 @@ DeSTSeg (Zhang et al., CVPR 2023), whose official code it follows where the abst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,49 +29,52 @@ from torch import Tensor, nn
 
 from kdad.backbones import build_backbone
 from kdad.backbones.resnet import make_stage
+from kdad.data.dataset import TrainSet
 from kdad.errors import KdadError
-from kdad.models.base import KDModel, Output
+from kdad.models.base import KDModel, Output, Phase
+from kdad.models.distill import decode
 from kdad.models.layers import ASPP, conv_bn_relu, kaiming_init, pixel_cosine_loss
-from kdad.models.rd import Teacher, decode
+from kdad.synth.bank import read_bank
+from kdad.synth.datasets import SyntheticTrainSet
 
-MIN_HEAD_STEPS = 100  # segmentation-head steps below which training warns
+# Segmentation-head steps below which training warns: on battery-weld the head had learnt
+# nothing after 40 steps and found the validation defects after 60 (DeSTSeg trains it 4000).
+MIN_HEAD_STEPS = 100
+
+
+class Denoised(NamedTuple):
+    """Training output: the student's features, and the head's logits in phase two."""
+
+    student: list[Tensor]  # each (B, C_i, h_i, w_i)
+    logits: Tensor | None  # (B, 1, h_0, w_0); None in phase one
 
 
 class DeSTDDPM(KDModel):
     """Teacher on the clean image, denoising student on the defective one, segmentation head
     on their agreement."""
 
-    needs_synthetic = True
-    score_rule = "mean of the top 0.15% of the segmentation map"
-
     @dataclass
     class Options:
         defects: str = "perlin"  # perlin | ddpm: where training defects come from
-        ddpm_samples: str = ""  # folder written by `kdad synth sample` (defects: ddpm)
+        ddpm_samples: str = field(default="", metadata={"path": True})  # `kdad synth sample`
         defect_prob: float = 0.5  # share of training images given a defect
         student_share: float = 0.5  # share of epochs training the student; then the head
         top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
         head_width: int = 128
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        stages: list[str] | None = None,
-        pretrained: bool = True,
-        weights: str | None = None,
-        options: DeSTDDPM.Options | None = None,
-    ) -> None:
-        super().__init__()
-        self.seg_phase = False
-        opt = options or DeSTDDPM.Options()
+    @property
+    def score_rule(self) -> str:
+        return f"mean of the top {100 * self.opt.top_share:.2g}% of the segmentation map"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opt = self.opt
         if opt.defects not in ("perlin", "ddpm"):
             raise KdadError(f"defects must be 'perlin' or 'ddpm', got {opt.defects!r}")
         if opt.defects == "ddpm" and not opt.ddpm_samples:
             raise KdadError("defects: ddpm needs ddpm_samples, a folder from `kdad synth sample`")
-        self.opt = opt
-        self.teacher = Teacher(backbone, stages, pretrained, weights)
         ch = self.teacher.channels
-        net = build_backbone(backbone, pretrained=False)
+        net = build_backbone(self.teacher.backbone, pretrained=False)
         self.encoder = nn.ModuleList(net.split(self.teacher.stages))
         self.bottleneck = make_stage("basic", ch[-1], ch[-1], 2, 2)
         self.decoder = nn.ModuleList(
@@ -79,37 +83,28 @@ class DeSTDDPM(KDModel):
         )
         w = opt.head_width
         self.head = nn.Sequential(conv_bn_relu(sum(ch), w), ASPP(w, w), nn.Conv2d(w, 1, 1))
-        for part in (self.bottleneck, self.decoder, self.head):
-            kaiming_init(part)
+        kaiming_init(self.bottleneck, self.decoder, self.head)
 
-    def head_start(self, epochs: int) -> int:
-        """The first epoch of phase two (phase one has at least one epoch: a one-epoch run
-        trains the student only)."""
-        return max(1, round(self.opt.student_share * epochs))
+    def phases(self, epochs: int) -> list[Phase]:
+        """Phase one trains the student, phase two the head alone; only phase two scores (the
+        head is untrained before). Phase one has at least one epoch: a one-epoch run trains
+        the student only."""
+        head = max(1, round(self.opt.student_share * epochs))
+        return [
+            Phase("student", 0, scoring=False),
+            Phase("head", head, min_steps=MIN_HEAD_STEPS),
+        ]
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Phase one trains the student, phase two the head alone."""
-        self.seg_phase = epoch >= self.head_start(epochs)
-
-    def budget_warning(self, steps_per_epoch: int, epochs: int) -> str | None:
-        """Too few head steps: on battery-weld the head had learnt nothing after 40 steps and
-        found the validation defects after 60 (DeSTSeg trains it 4000)."""
-        head = (epochs - self.head_start(epochs)) * steps_per_epoch
-        if head >= MIN_HEAD_STEPS:
-            return None
-        return (
-            f"dest_ddpm: the segmentation head gets {head} optimiser steps ({steps_per_epoch} a "
-            f"epoch); it needs about {MIN_HEAD_STEPS}: raise --epochs"
-        )
-
-    @property
-    def scoring(self) -> bool:
-        """Only the segmentation phase's epochs score: before it the head is untrained."""
-        return self.seg_phase
+    def train_set(self, images: TrainSet) -> SyntheticTrainSet:
+        """The good training images with synthetic defects (Perlin, or the painted bank's
+        defects of these images) and their masks."""
+        opt = self.opt
+        bank = read_bank(opt.ddpm_samples, images.samples) if opt.defects == "ddpm" else None
+        return SyntheticTrainSet.around(images, opt.defect_prob, bank)
 
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)
-        if self.seg_phase:  # the frozen student keeps its BatchNorm statistics
+        if self.phase == "head":  # the frozen student keeps its BatchNorm statistics
             for part in (self.encoder, self.bottleneck, self.decoder):
                 part.train(False)
         return self
@@ -129,25 +124,26 @@ class DeSTDDPM(KDModel):
         ]
         return self.head(torch.cat(prods, 1))
 
-    def forward(self, x: Tensor):
-        """(B, 3, H, W) -> train: (student, logits or None); eval: Output."""
-        if self.training and not self.seg_phase:
-            return self.student(x), None
+    def forward(self, x: Tensor) -> Denoised | Output:
+        """(B, 3, H, W) -> train: Denoised; eval: Output."""
+        if self.training and self.phase != "head":
+            return Denoised(self.student(x), None)
         with torch.no_grad():
             t, s = self.teacher(x), self.student(x)
         logits = self.segment(t, s)
         if self.training:
-            return s, logits
+            return Denoised(s, logits)
         amap = torch.sigmoid(F.interpolate(logits, size=x.shape[-2:], mode="bilinear"))[:, 0]
         k = max(1, round(self.opt.top_share * amap[0].numel()))
         return Output(amap, amap.flatten(1).topk(k, dim=1).values.mean(1))
 
-    def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
-        s, logits = out
+    def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:
+        logits = out.logits
         if logits is None:
             with torch.no_grad():
                 t = self.teacher(batch["clean"])
-            parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, s))}
+            pairs = enumerate(zip(t, out.student))
+            parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in pairs}
             return {"loss": sum(parts.values()), **parts}
         target = F.interpolate(batch["mask"][:, None].float(), size=logits.shape[-2:], mode="area")
         p = torch.sigmoid(logits)

@@ -19,12 +19,24 @@ sentence each part comes from and what was chosen where it is silent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.models.rd import RD, decode, rd_loss, smoothed_output
+from kdad.models.base import Output
+from kdad.models.distill import decode, rd_loss
+from kdad.models.rd import RD
+
+
+class Guided(NamedTuple):
+    """Training output: features, and the one-class embedding before and after guidance."""
+
+    teacher: list[Tensor]  # each (B, C_i, h_i, w_i)
+    student: list[Tensor]  # the same shapes
+    embedding: Tensor  # (B, D, h, w)
+    guided: Tensor  # (B, D, h, w)
 
 
 class IIGRD(RD):
@@ -37,21 +49,10 @@ class IIGRD(RD):
         intra: float = 0.1  # weight of the intra-sample term; 0 = off
         inter: float = 0.1  # weight of the inter-sample term; 0 = off
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        stages: list[str] | None = None,
-        pretrained: bool = True,
-        weights: str | None = None,
-        options: IIGRD.Options | None = None,
-    ) -> None:
-        opt = options or IIGRD.Options()
-        super().__init__(backbone, stages, pretrained, weights, opt)
-        self.opt = opt
-        c_emb = 2 * self.teacher.channels[-1]
-        self.prototypes = (
-            nn.Parameter(torch.randn(opt.prototypes, c_emb)) if opt.prototypes > 0 else None
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        k, c_emb = self.opt.prototypes, 2 * self.teacher.channels[-1]
+        self.prototypes = nn.Parameter(torch.randn(k, c_emb)) if k > 0 else None
 
     def guide(self, e: Tensor) -> Tensor:
         """(B, D, h, w) embedding -> the same re-expressed as a mix of prototypes."""
@@ -61,25 +62,20 @@ class IIGRD(RD):
         mixed = sim.div(self.opt.temperature).softmax(-1) @ self.prototypes  # (B, hw, D)
         return mixed.transpose(1, 2).reshape(b, d, h, w)
 
-    def embed(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """(one-class embedding, what the decoder reads: its prototype-guided version)."""
-        fused = [f(x) for f, x in zip(self.fuse, feats)]  # each (B, C_last, h, w)
-        e = self.ocbe(torch.cat([*fused, feats[-1]], 1))  # (B, 2 C_last, h/2, w/2)
-        return e, (self.guide(e) if self.prototypes is not None else e)
-
-    def forward(self, x: Tensor):
-        """(B, 3, H, W) -> train: (teacher, student, embedding, guided); eval: Output."""
+    def forward(self, x: Tensor) -> Guided | Output:
+        """(B, 3, H, W) -> train: Guided; eval: Output."""
         with torch.no_grad():
             t = self.teacher(x)
-        e, g = self.embed(t)
+        e = self.embed(t)  # (B, D, h, w)
+        g = self.guide(e) if self.prototypes is not None else e
         s = decode(self.decoder, g)
         if self.training:
-            return t, s, e, g
-        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
+            return Guided(t, s, e, g)
+        return self.output(t, s, x)
 
-    def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
-        t, s, e, g = out
-        parts = {"distill": sum(rd_loss(t, s))}
+    def loss(self, batch: dict[str, Tensor], out: Guided) -> dict[str, Tensor]:
+        e, g = out.embedding, out.guided
+        parts = {"distill": sum(rd_loss(out.teacher, out.student))}
         total = parts["distill"]
         if self.prototypes is not None and self.opt.intra > 0:
             parts["intra"] = (1 - F.cosine_similarity(e, g, dim=1)).mean()

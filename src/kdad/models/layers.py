@@ -47,9 +47,10 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-def kaiming_init(module: nn.Module) -> None:
-    """He init (fan-out) for convs, BN to identity: torchvision's ResNet initialisation."""
-    for m in module.modules():
+def kaiming_init(*modules: nn.Module) -> None:
+    """He init (fan-out) for convs, BN to identity: torchvision's ResNet initialisation, of
+    each module in turn."""
+    for m in (m for module in modules for m in module.modules()):
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):

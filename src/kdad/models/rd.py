@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdad.backbones import build_backbone, get_spec
 from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
-from kdad.models.base import KDModel, Output
-from kdad.models.layers import (
-    GaussianBlur,
-    conv_bn_relu,
-    cosine_distance_map,
-    kaiming_init,
-    pixel_cosine_loss,
-)
-
-if TYPE_CHECKING:
-    from kdad.engine.teacher_cache import TeacherCache
+from kdad.models.base import Output
+from kdad.models.distill import Distiller, Pair, decode, rd_loss
+from kdad.models.layers import conv_bn_relu, kaiming_init, pixel_cosine_loss
 
 # backbone -> (block, OCBE blocks, decoder blocks deepest first, inner width / output width),
 # as in the official de_resnet*/BN_layer builders; other backbones use _DEFAULT_RECIPE.
@@ -46,44 +37,10 @@ _RECIPES = {
     "wide_resnet50_2": ("bottleneck", 3, (3, 4, 6), 0.5),
 }
 _DEFAULT_RECIPE = ("bottleneck", 3, (3, 4, 6), 1.0)
-MAX_RULE = "max of the anomaly map (Gaussian-smoothed, sigma 4 by default)"
 
 
-class Teacher(nn.Module):
-    """A frozen pretrained backbone returning the features of chosen stages."""
-
-    def __init__(
-        self, backbone: str, stages: list[str] | None, pretrained: bool, weights: str | None
-    ) -> None:
-        super().__init__()
-        self.net = build_backbone(backbone, pretrained, weights)
-        self.stages = list(stages or get_spec(backbone).default_stages)
-        known = self.net.stages
-        bad = [s for s in self.stages if s not in known]
-        if bad:
-            raise KdadError(f"{backbone} has no stage {bad[0]!r}; stages: {', '.join(known)}")
-        self.channels = [known[s][0] for s in self.stages]
-        self.strides = [known[s][1] for s in self.stages]
-        self.net.requires_grad_(False)
-        self.net.eval()
-        self.cache: TeacherCache | None = None  # set by the training loop (engine/teacher_cache)
-
-    def train(self, mode: bool = True) -> Teacher:
-        """The teacher never leaves eval mode: its BatchNorm statistics are ImageNet's."""
-        return super().train(False)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) -> the stages' features, shallowest first; from the cache when the
-        training loop has given this batch's features."""
-        if self.cache is not None and (feats := self.cache.take()) is not None:
-            return feats
-        return self.net.features(x, self.stages)
-
-
-class RD(KDModel):
+class RD(Distiller):
     """Teacher encoder -> OCBE -> decoder student; anomaly = 1 - cos(teacher, student)."""
-
-    score_rule = MAX_RULE
 
     @dataclass
     class Options:
@@ -93,24 +50,16 @@ class RD(KDModel):
         loss: str = "flat"  # flat: official, 1 - cos of whole flattened maps; pixel: per position
         student_relu: bool = True  # decoder stages end in ReLU (official); False: signed
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        stages: list[str] | None = None,
-        pretrained: bool = True,
-        weights: str | None = None,
-        options: RD.Options | None = None,
-    ) -> None:
-        super().__init__()
-        opt = options or RD.Options()
-        self.teacher = Teacher(backbone, stages, pretrained, weights)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opt = self.opt
         ch, strides = self.teacher.channels, self.teacher.strides
         if any(b != 2 * a for a, b in itertools.pairwise(strides)):
             raise KdadError(
                 f"RD needs stages whose strides double one to the next, got {strides} "
                 f"from {self.teacher.stages}"
             )
-        block, n_ocbe, dec_blocks, wf = _RECIPES.get(backbone, _DEFAULT_RECIPE)
+        block, n_ocbe, dec_blocks, wf = _RECIPES.get(self.teacher.backbone, _DEFAULT_RECIPE)
         n_ocbe = opt.ocbe_blocks or n_ocbe
         dec_blocks = tuple(opt.decoder_blocks) or dec_blocks
         if len(dec_blocks) < len(ch):
@@ -129,66 +78,33 @@ class RD(KDModel):
             )
             for cin, cout, n in zip(cins, ch[::-1], dec_blocks)
         )
-        kaiming_init(self.fuse)
-        kaiming_init(self.ocbe)
-        kaiming_init(self.decoder)
+        kaiming_init(self.fuse, self.ocbe, self.decoder)
         if opt.loss not in ("flat", "pixel"):
             raise KdadError(f"loss must be flat or pixel, got {opt.loss!r}")
         self.pixel_loss = opt.loss == "pixel"
-        self.blur = GaussianBlur(opt.sigma)
+
+    def embed(self, feats: list[Tensor]) -> Tensor:
+        """The one-class embedding of the teacher's features: (B, 2 C_last, h/2, w/2)."""
+        fused = [f(x) for f, x in zip(self.fuse, feats)]  # each (B, C_last, h, w)
+        return self.ocbe(torch.cat([*fused, feats[-1]], 1))
 
     def student(self, feats: list[Tensor]) -> list[Tensor]:
         """Decoder features, shallowest first, matching the teacher's list."""
-        fused = [f(x) for f, x in zip(self.fuse, feats)]  # each (B, C_last, h, w)
-        x = self.ocbe(torch.cat([*fused, feats[-1]], 1))  # (B, 2 C_last, h/2, w/2)
-        return decode(self.decoder, x)
+        return decode(self.decoder, self.embed(feats))
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]] | Output:
-        """(B, 3, H, W) -> train: (teacher, student) features; eval: Output."""
+    def forward(self, x: Tensor) -> Pair | Output:
+        """(B, 3, H, W) -> train: teacher and student features; eval: Output."""
         with torch.no_grad():
             t = self.teacher(x)
         s = self.student(t)
         if self.training:
-            return t, s
-        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
+            return Pair(t, s)
+        return self.output(t, s, x)
 
-    def loss(
-        self, batch: dict[str, Tensor], out: tuple[list[Tensor], list[Tensor]]
-    ) -> dict[str, Tensor]:
-        t, s = out
+    def loss(self, batch: dict[str, Tensor], out: Pair) -> dict[str, Tensor]:
         if self.pixel_loss:
-            losses = [pixel_cosine_loss(a, b) for a, b in zip(t, s)]
+            losses = [pixel_cosine_loss(a, b) for a, b in zip(out.teacher, out.student)]
         else:
-            losses = rd_loss(t, s)
+            losses = rd_loss(out.teacher, out.student)
         parts = {f"cos{i}": v for i, v in enumerate(losses)}
         return {"loss": sum(parts.values()), **parts}
-
-
-def decode(decoder: nn.ModuleList, x: Tensor) -> list[Tensor]:
-    """Run decoder stages from the embedding; their outputs, shallowest first."""
-    out = []
-    for stage in decoder:
-        x = stage(x)
-        out.append(x)
-    return out[::-1]
-
-
-def rd_loss(teacher: list[Tensor], student: list[Tensor]) -> list[Tensor]:
-    """Per scale: batch mean of 1 - cos between each sample's flattened features."""
-    return [
-        (1 - torch.cosine_similarity(t.flatten(1), s.flatten(1), dim=1)).mean()
-        for t, s in zip(teacher, student)
-    ]
-
-
-def anomaly_map(teacher: list[Tensor], student: list[Tensor], size: tuple[int, int]) -> Tensor:
-    """Sum over scales of per-pixel 1 - cos, bilinearly upsampled to ``size``: (B, H, W)."""
-    return sum(cosine_distance_map(t, s, size) for t, s in zip(teacher, student))
-
-
-def smoothed_output(
-    blur: GaussianBlur, teacher: list[Tensor], student: list[Tensor], size: tuple[int, int]
-) -> Output:
-    """The family's eval output: RD's map, Gaussian-smoothed (B, H, W), and its max as score."""
-    amap = blur(anomaly_map(teacher, student, size))
-    return Output(amap, amap.flatten(1).amax(1))

@@ -21,20 +21,27 @@ from and what was chosen where it is silent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from kdad.backbones import build_backbone
-from kdad.models.base import KDModel
-from kdad.models.layers import SSPCAB, GaussianBlur, SimAM, pixel_cosine_loss
-from kdad.models.rd import MAX_RULE, Teacher, smoothed_output
+from kdad.models.base import Output
+from kdad.models.distill import Distiller
+from kdad.models.layers import SSPCAB, SimAM, pixel_cosine_loss
 
 
-class SSPCABKD(KDModel):
+class Attentive(NamedTuple):
+    """Training output: features, and the student's deepest one before SSPCAB."""
+
+    teacher: list[Tensor]  # each (B, C_i, h_i, w_i)
+    student: list[Tensor]  # the same shapes
+    before_sspcab: Tensor  # (B, C_last, h, w)
+
+
+class SSPCABKD(Distiller):
     """Frozen teacher; a student of the same architecture with SimAM and SSPCAB inside."""
-
-    score_rule = MAX_RULE
 
     @dataclass
     class Options:
@@ -43,26 +50,16 @@ class SSPCABKD(KDModel):
         simam: bool = True  # SimAM after each student stage
         sspcab_weight: float = 0.1  # weight of SSPCAB's reconstruction loss
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        stages: list[str] | None = None,
-        pretrained: bool = True,
-        weights: str | None = None,
-        options: SSPCABKD.Options | None = None,
-    ) -> None:
-        super().__init__()
-        opt = options or SSPCABKD.Options()
-        self.opt = opt
-        self.teacher = Teacher(backbone, stages, pretrained, weights)
-        net = build_backbone(backbone, pretrained=False)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opt = self.opt
+        net = build_backbone(self.teacher.backbone, pretrained=False)
         self.student = nn.ModuleList(net.split(self.teacher.stages))
         for m in self.student.modules():  # trained from scratch: torch's default BN momentum
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
         self.simam = SimAM() if opt.simam else None
         self.sspcab = SSPCAB(self.teacher.channels[-1]) if opt.sspcab else None
-        self.blur = GaussianBlur(opt.sigma)
 
     def students(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         """(B, 3, H, W) -> (student features per teacher stage, the deepest before SSPCAB)."""
@@ -76,20 +73,20 @@ class SSPCABKD(KDModel):
             feats[-1] = self.sspcab(x)
         return feats, x
 
-    def forward(self, x: Tensor):
-        """(B, 3, H, W) -> train: (teacher, student, deepest before SSPCAB); eval: Output."""
+    def forward(self, x: Tensor) -> Attentive | Output:
+        """(B, 3, H, W) -> train: Attentive; eval: Output."""
         with torch.no_grad():
             t = self.teacher(x)
         s, pre = self.students(x)
         if self.training:
-            return t, s, pre
-        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
+            return Attentive(t, s, pre)
+        return self.output(t, s, x)
 
-    def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
-        t, s, pre = out
-        parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, s))}
+    def loss(self, batch: dict[str, Tensor], out: Attentive) -> dict[str, Tensor]:
+        pairs = enumerate(zip(out.teacher, out.student))
+        parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in pairs}
         total = sum(parts.values())
         if self.sspcab is not None:
-            parts["sspcab"] = SSPCAB.loss(s[-1], pre)
+            parts["sspcab"] = SSPCAB.loss(out.student[-1], out.before_sspcab)
             total = total + self.opt.sspcab_weight * parts["sspcab"]
         return {"loss": total, **parts}

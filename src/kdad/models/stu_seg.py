@@ -22,27 +22,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.errors import KdadError
-from kdad.models.base import KDModel
+from kdad.models.base import Output
+from kdad.models.distill import Distiller, Pair
 from kdad.models.layers import (
-    GaussianBlur,
     SelectiveFusion,
     conv_bn_relu,
     kaiming_init,
     pixel_cosine_loss,
 )
-from kdad.models.rd import MAX_RULE, Teacher, smoothed_output
 
 
-class STUSeg(KDModel):
+class STUSeg(Distiller):
     """Frozen teacher; U-Net student on the image; anomaly = 1 - cos(teacher, student)."""
-
-    score_rule = MAX_RULE
 
     @dataclass
     class Options:
@@ -51,18 +49,9 @@ class STUSeg(KDModel):
         skips: bool = True  # skip connections from the encoder (off: a plain encoder-decoder)
         sfm: bool = True  # Selective Fusion Module at each merge (off: concatenation)
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        stages: list[str] | None = None,
-        pretrained: bool = True,
-        weights: str | None = None,
-        options: STUSeg.Options | None = None,
-    ) -> None:
-        super().__init__()
-        opt = options or STUSeg.Options()
-        self.opt = opt
-        self.teacher = Teacher(backbone, stages, pretrained, weights)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opt = self.opt
         strides = self.teacher.strides
         if any(s < 2 or s & (s - 1) for s in strides):
             raise KdadError(f"STU-Seg needs power-of-two teacher strides, got {strides}")
@@ -87,9 +76,7 @@ class STUSeg(KDModel):
         self.heads = nn.ModuleList(
             nn.Conv2d(widths[j], c, 1) for j, c in zip(self.levels, self.teacher.channels)
         )
-        for part in (self.down, self.up, self.refine, self.heads):
-            kaiming_init(part)
-        self.blur = GaussianBlur(opt.sigma)
+        kaiming_init(self.down, self.up, self.refine, self.heads)
 
     def student(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) -> features at the teacher's scales and widths, in its order."""
@@ -108,15 +95,16 @@ class STUSeg(KDModel):
             dec[j] = x
         return [head(dec[j]) for head, j in zip(self.heads, self.levels)]
 
-    def forward(self, x: Tensor):
-        """(B, 3, H, W) -> train: (teacher, student) features; eval: Output."""
+    def forward(self, x: Tensor) -> Pair | Output:
+        """(B, 3, H, W) -> train: teacher and student features; eval: Output."""
         with torch.no_grad():
             t = self.teacher(x)
         s = self.student(x)
         if self.training:
-            return t, s
-        return smoothed_output(self.blur, t, s, tuple(x.shape[-2:]))
+            return Pair(t, s)
+        return self.output(t, s, x)
 
-    def loss(self, batch: dict[str, Tensor], out) -> dict[str, Tensor]:
-        parts = {f"cos{i}": pixel_cosine_loss(t, s) for i, (t, s) in enumerate(zip(*out))}
+    def loss(self, batch: dict[str, Tensor], out: Pair) -> dict[str, Tensor]:
+        pairs = enumerate(zip(out.teacher, out.student))
+        parts = {f"cos{i}": pixel_cosine_loss(t, s) for i, (t, s) in pairs}
         return {"loss": sum(parts.values()), **parts}

@@ -1,6 +1,6 @@
 """``kdad synth``: train a DDPM on a dataset's good training images, then paint synthetic
 defects with it into an MVTec-layout folder (images, masks, and synthetic.csv naming each
-defect's clean source) that DeST-DDPM can train from (``report.synthetic_gallery`` shows them)."""
+defect's clean source) that DeST-DDPM can train from (``bank.synthetic_gallery`` shows them)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ from tqdm import tqdm
 from kdad.config import DataConfig
 from kdad.data.dataset import resize_image
 from kdad.data.io import read_image
-from kdad.data.synth import perlin_mask
+from kdad.data.layouts import training_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdad.engine.fit import resolve_device, training_samples
+from kdad.engine.distributed import resolve_device
 from kdad.errors import KdadError
-from kdad.models.ddpm import DDPM, DDPMOptions
+from kdad.files import atomic_write
+from kdad.synth.ddpm import DDPM, DDPMOptions
+from kdad.synth.perlin import perlin_mask
 
 
 @dataclass
@@ -208,10 +210,12 @@ def sample_defects(
                     "source": str(samples[i].path.resolve()),
                 }
             )
-    tmp = out / ".synthetic.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["image", "mask", "source"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / "synthetic.csv")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, ["image", "mask", "source"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out / "synthetic.csv", write)
     return out

@@ -1,0 +1,110 @@
+"""Training and validation images with synthetic defects: Perlin ones drawn by (seed, epoch,
+index), or a bank painted by `kdad synth sample`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdad.data import augment as views
+from kdad.data.dataset import ImageDataset, TrainSet, resize_mask
+from kdad.data.io import read_mask
+from kdad.data.layouts import Sample
+from kdad.synth.perlin import synthesize
+
+
+class SyntheticValidationSet(ImageDataset):
+    """Held-out good images, each twice: as it is (label 0) and with a synthetic Perlin defect
+    (label 1, its mask). The defects are fixed by ``seed``: the same set every epoch and run."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        seed: int = 0,
+    ) -> None:
+        super().__init__(samples, image_size, mean, std)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2 * len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        n = len(self.samples)
+        x = self.load(self.samples[i % n].path)  # (3, H, W)
+        mask = torch.zeros(self.size)
+        if i >= n:
+            img, m = synthesize(x.permute(1, 2, 0).numpy(), np.random.default_rng([self.seed, i]))
+            x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m).float()
+        return {
+            "image": (x - self.mean) / self.std,
+            "mask": mask,
+            "has_mask": torch.tensor(True),
+            "label": torch.tensor(int(i >= n)),
+            "index": torch.tensor(i),
+        }
+
+
+class SyntheticTrainSet(TrainSet):
+    """Good training images for models that learn from synthetic defects: each item is the
+    image with a defect (probability ``defect_prob``) or as it is, its clean version and the
+    defect's mask, all in one random view of ``augment``. Defects are Perlin ones drawn afresh
+    each epoch, or, given ``bank`` (triples of defective image, mask and clean source from `kdad
+    synth sample`), drawn from the bank. Everything is fixed by (seed, epoch, index): resuming
+    replays the same defects."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_size: int | tuple[int, int],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        seed: int = 0,
+        augment: list[str] | tuple[str, ...] = (),
+        defect_prob: float = 0.5,
+        bank: list[tuple[Path, Path, Path]] | None = None,
+    ) -> None:
+        super().__init__(samples, image_size, mean, std, seed, augment)
+        self.defect_prob, self.bank = defect_prob, bank
+
+    @classmethod
+    def around(
+        cls, images: TrainSet, defect_prob: float, bank: list[tuple[Path, Path, Path]] | None
+    ) -> SyntheticTrainSet:
+        """The training images ``images``, now carrying synthetic defects."""
+        norm = (tuple(images.mean.flatten().tolist()), tuple(images.std.flatten().tolist()))
+        return cls(
+            images.samples, images.size, *norm, images.seed, images.augment, defect_prob, bank
+        )
+
+    @property
+    def repeats(self) -> bool:
+        """Defects are drawn afresh every epoch."""
+        return False
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        clean = self.load(self.samples[i].path)  # (3, H, W)
+        x, mask = clean, torch.zeros(self.size)
+        if rng.random() < self.defect_prob:
+            if self.bank:
+                image, mask_path, source = self.bank[rng.integers(len(self.bank))]
+                x, clean = self.load(image), self.load(source)
+                mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
+            else:
+                img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng)
+                x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m)
+        view = self.view(i)
+        x, clean, mask = (views.apply(t, view) for t in (x, clean, mask.float()))
+        return {
+            "image": (x - self.mean) / self.std,
+            "clean": (clean - self.mean) / self.std,
+            "mask": mask,
+            "label": torch.tensor(int(bool(mask.any()))),
+            "index": torch.tensor(i),
+        }
