@@ -94,6 +94,12 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default="runs/bench_rd_mtd")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --run-dir (train_wall_seconds then covers only "
+        "this part; seconds_per_epoch covers every epoch)",
+    )
     ap.add_argument("--out", default="bench/results/rd_mtd.json")
     args = ap.parse_args()
 
@@ -108,6 +114,7 @@ def main() -> None:
         epochs=args.epochs,
         seed=args.seed,
         out=args.run_dir,
+        resume=args.resume,
         progress=False,
         **{"image_size": args.image_size, "backbone": args.backbone, **extra},
     )

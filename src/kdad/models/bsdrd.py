@@ -9,7 +9,7 @@ sentence each part comes from and what was chosen where it is silent.
   context, then RD's one-class bottleneck and decoder.
 - Detail student ("a wavelet transform decomposes high-level features into low- and
   high-frequency components"): a Haar transform of the same fused high-level features, the
-  chosen bands compressed by a 1x1 conv to the bottleneck's width, then a light decoder
+  chosen bands compressed by a 3x3 conv to the bottleneck's width, then a light decoder
   (one block per stage).
 - MD-GFLoss ("multi-dimensional feature gated fusion loss"): per scale, a gate over channels
   and positions blends the two students; the loss is RD's cosine loss on the blend plus half

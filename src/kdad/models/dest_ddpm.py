@@ -1,7 +1,8 @@
 """DeST-DDPM: a denoising student and a segmentation head trained on synthetic defects, Perlin
-or painted by a DDPM (Feng et al., unsupervised defect detection integrating a denoising
-diffusion probabilistic model with an asymmetric teacher-student architecture), built as
-DeSTSeg (Zhang et al., CVPR 2023), whose official code it follows where the abstract is silent.
+or painted by a DDPM (a seed known from its abstract alone: "unsupervised defect detection
+integrating a denoising diffusion probabilistic model with an asymmetric teacher-student
+architecture"), built as DeSTSeg (Zhang et al., CVPR 2023), whose official code it follows where
+the abstract is silent; docs/models.md lists where it does not.
 
 - Asymmetric teacher-student: the frozen pretrained teacher (RD's) sees the clean image; the
   student, an encoder-decoder (the teacher's architecture randomly initialised up to its deepest
