@@ -106,7 +106,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
         "calibration": det.calibration,
         "checkpoint": str(Path(det.checkpoint["path"]).resolve()),
     }
-    (out / "kdad.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(out / "kdad.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     check = torch.randint(0, 256, (1, h + 24, w - 8, 3), dtype=torch.uint8)
     with torch.no_grad():
         ref = wrapped(check)

@@ -196,21 +196,27 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     md = out / "results.md"
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write(md, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     path = out / "results.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        cols = [*METRIC_NAMES, "val", "train_s", "img_per_s"]
-        w.writerow(["model", "data", "seeds", *[f"{c}_{s}" for c in cols for s in ("mean", "std")]])
-        for r in table:
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            cols = [*METRIC_NAMES, "val", "train_s", "img_per_s"]
             w.writerow(
-                [
-                    r["model"],
-                    r["data"],
-                    r["seeds"],
-                    *[("" if r[c] is None else f"{r[c][k]:.6g}") for c in cols for k in (0, 1)],
-                ]
+                ["model", "data", "seeds", *[f"{c}_{s}" for c in cols for s in ("mean", "std")]]
             )
+            for r in table:
+                w.writerow(
+                    [
+                        r["model"],
+                        r["data"],
+                        r["seeds"],
+                        *[("" if r[c] is None else f"{r[c][k]:.6g}") for c in cols for k in (0, 1)],
+                    ]
+                )
+
+    atomic_write(path, write_csv)
     return md, path
 
 

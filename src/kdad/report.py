@@ -22,6 +22,7 @@ from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from kdad.errors import KdadError, KdadWarning
+from kdad.files import atomic_write
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
@@ -217,5 +218,5 @@ def build_report(source: str | Path, out: str | Path | None = None) -> Path:
     else:
         raise KdadError(f"{source}: no metrics.json or predictions.jsonl to report on")
     path = Path(out) if out else default
-    path.write_text(page)
+    atomic_write(path, lambda tmp: tmp.write_text(page))
     return path

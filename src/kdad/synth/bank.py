@@ -11,6 +11,7 @@ from PIL import Image
 
 from kdad.data.layouts import Sample
 from kdad.errors import KdadError
+from kdad.files import atomic_write
 
 
 def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, Path]]:
@@ -59,5 +60,6 @@ def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Pa
     ]
     intro = f"<p>The first {len(rows)} synthetic defects of {html.escape(str(folder))}.</p>"
     out = folder / "gallery.html"
-    out.write_text(html_page("kdad synthetic defects", intro + "".join(figures)))
+    page = html_page("kdad synthetic defects", intro + "".join(figures))
+    atomic_write(out, lambda tmp: tmp.write_text(page))
     return out
