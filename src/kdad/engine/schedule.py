@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kdad.models import Phase
+if TYPE_CHECKING:
+    from kdad.models import Phase
 
 VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
 
