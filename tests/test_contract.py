@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import kdad
 from kdad.export import OnnxRunner, TorchRunner, export_onnx
 from kdad.models import MODELS, KDModel, Output
-from kdad.models.distill import Pair, anomaly_map
+from kdad.models.distill import Pair, scale_maps
 from kdad.models.layers import pixel_cosine_loss
 
 SRC = Path(kdad.__file__).parent
@@ -50,7 +50,7 @@ class Toy(KDModel):
         s = [head(F.adaptive_avg_pool2d(x, f.shape[-2:])) for head, f in zip(self.heads, t)]
         if self.training:
             return Pair(t, s)
-        amap = anomaly_map(t, s, tuple(x.shape[-2:]))  # (B, H, W)
+        amap = sum(scale_maps(t, s, tuple(x.shape[-2:])))  # (B, H, W)
         return Output(amap, amap.flatten(1).amax(1))
 
     def loss(self, batch: dict[str, Tensor], out: Pair) -> dict[str, Tensor]:

@@ -18,8 +18,14 @@ from kdad.config import RunConfig, apply_overrides
 from kdad.data.layouts import find_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.fit import fit
-from kdad.engine.schedule import should_stop, stale_validations, validation_interval
+from kdad.engine.schedule import (
+    learning_rate,
+    should_stop,
+    stale_validations,
+    validation_interval,
+)
 from kdad.errors import KdadError
+from kdad.models import Phase
 
 
 def _cfg(data: Path, out: Path, epochs: int) -> RunConfig:
@@ -146,6 +152,32 @@ def test_validation_interval_and_stopping_rule() -> None:
     assert stale_validations(history, best) == 3 and stale_validations(history, None) == 5
     assert should_stop(history, best, 3) and not should_stop(history, best, 4)
     assert not should_stop(history, best, 0)  # 0: never
+
+
+def test_cosine_schedule_decays_within_each_phase() -> None:
+    one, two = [Phase("train", 0)], [Phase("student", 0), Phase("head", 4)]
+    assert [learning_rate(0.1, "constant", one, e, 4) for e in range(4)] == [0.1] * 4
+    assert [learning_rate(0.1, "cosine", one, e, 4) for e in range(4)] == pytest.approx(
+        [0.1, 0.1 * (2 + 2**0.5) / 4, 0.05, 0.1 * (2 - 2**0.5) / 4]
+    )
+    lrs = [learning_rate(0.1, "cosine", two, e, 6) for e in range(6)]
+    assert lrs[0] == lrs[4] == 0.1 and lrs[2] == pytest.approx(0.05)  # each phase starts anew
+    assert lrs[5] == pytest.approx(0.05) and min(lrs) > 0
+
+
+def test_cosine_run_sets_each_epochs_rate_and_rejects_unknown_schedules(
+    mvtec: Path, tmp_path: Path
+) -> None:
+    c = _cfg(mvtec, tmp_path / "cos", 3)
+    c.train.lr_schedule, c.train.val_every = "cosine", 3
+    fit(c, progress=False)
+    lr = load_checkpoint(tmp_path / "cos" / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.005 * 0.25)  # the last of 3 epochs: (1 + cos(2 pi / 3)) / 2
+    c = _cfg(mvtec, tmp_path / "bad", 1)
+    c.train.lr_schedule = "step"
+    with pytest.raises(KdadError, match="lr_schedule must be constant or cosine, got 'step'"):
+        fit(c, progress=False)
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
 
 
 def test_training_stops_when_validation_stops_improving(mvtec: Path, tmp_path: Path) -> None:

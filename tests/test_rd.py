@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 from kdad.backbones import BACKBONES
 from kdad.errors import KdadError
 from kdad.models import MODELS, build_model
-from kdad.models.distill import Pair, anomaly_map, rd_loss
+from kdad.models.distill import Pair, rd_loss, scale_maps
 from kdad.models.layers import GaussianBlur
 
 
@@ -59,11 +59,11 @@ def test_pixel_loss_option_averages_per_position_cosines() -> None:
         build_model("rd", "resnet18", options={"loss": "l2"}, pretrained=False)
 
 
-def test_anomaly_map_is_zero_where_student_matches_and_positive_where_not() -> None:
+def test_scale_maps_are_zero_where_student_matches_and_positive_where_not() -> None:
     t = [torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)]
     s = [x.clone() for x in t]
     s[0][:, :, :2, :2] = -t[0][:, :, :2, :2]  # opposite direction: 1 - cos = 2
-    m = anomaly_map(t, s, (32, 32))
+    m = sum(scale_maps(t, s, (32, 32)))
     assert m.shape == (1, 32, 32)
     assert m[0, 0, 0] == pytest.approx(2.0, abs=1e-5) and m[0, -1, -1].abs() < 1e-5
 

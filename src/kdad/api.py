@@ -182,9 +182,9 @@ def calibrate(
     pixel_quantile: float | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Recompute a checkpoint's thresholds from its held-out good images and write them into
-    the checkpoint; returns the new calibration. None keeps the rate or quantile it was
-    trained with."""
+    """Recompute a checkpoint's thresholds from its held-out good images, after the model fits
+    them again (its per-scale weights), and write both into the checkpoint; returns the new
+    calibration. None keeps the rate or quantile it was trained with."""
     return recalibrate(checkpoint, false_alarm_rate, pixel_quantile, device)
 
 

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="training views that are still normal for your part (none by default)",
     )
     t.add_argument("--lr", type=float)
+    t.add_argument(
+        "--lr-schedule", choices=["constant", "cosine"], help="constant (default) or cosine decay"
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--num-workers", type=int)

@@ -47,6 +47,7 @@ class TrainConfig:
     epochs: int = 100  # the most epochs; early stopping usually ends sooner
     batch_size: int = 16
     lr: float = 0.005
+    lr_schedule: str = "constant"  # constant (RD's official) | cosine: to ~0 by each phase's end
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
     seed: int = 0
@@ -161,6 +162,7 @@ OVERRIDES = {
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
     "lr": "train.lr",
+    "lr_schedule": "train.lr_schedule",
     "seed": "train.seed",
     "device": "train.device",
     "num_workers": "train.num_workers",

@@ -20,6 +20,7 @@ from kdad.engine.calibrate import calibrate, f1_threshold, normalise
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import barrier, ensure_group, resolve_device
 from kdad.engine.evaluate import evaluate_model
+from kdad.engine.infer import fit_normal
 from kdad.errors import KdadError, KdadWarning
 from kdad.models import KDModel, model_from_config
 from kdad.outputs import (
@@ -201,7 +202,8 @@ def recalibrate(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Compute a checkpoint's calibration again from its own held-out good images (a new target
-    rate, or a checkpoint saved without one) and write it into the file atomically."""
+    rate, or a checkpoint saved without one), after the model fits them again (what older
+    checkpoints lack, e.g. per-scale weights), and write it into the file atomically."""
     with warnings.catch_warnings():  # a missing calibration is what we are here to fix
         warnings.simplefilter("ignore", KdadWarning)
         det = Detector.load(checkpoint, device)
@@ -212,7 +214,10 @@ def recalibrate(
     c = det.cfg.calibration
     c.false_alarm_rate = false_alarm_rate or c.false_alarm_rate
     c.pixel_quantile = pixel_quantile or c.pixel_quantile
-    ev = evaluate_model(det.model, det.dataset([Sample(Path(p), 0) for p in state["holdout"]]))
+    good = det.dataset([Sample(Path(p), 0) for p in state["holdout"]])
+    fit_normal(det.model, good)
+    ev = evaluate_model(det.model, good)
+    state["model"] = det.model.state_dict()
     state["calibration"] = calibrate(ev.scores, ev.maps, c.false_alarm_rate, c.pixel_quantile)
     state["config"] = det.cfg.to_dict()
     save_checkpoint(path, state)

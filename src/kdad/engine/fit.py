@@ -39,9 +39,12 @@ from kdad.engine.distributed import (
     sync_batchnorm,
 )
 from kdad.engine.evaluate import evaluate_model
+from kdad.engine.infer import fit_normal
 from kdad.engine.lock import run_lock
 from kdad.engine.schedule import (
+    LR_SCHEDULES,
     Pace,
+    learning_rate,
     phase_at,
     phase_warnings,
     plan_message,
@@ -212,6 +215,8 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
         )
     if t.select not in METRIC_NAMES:
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise KdadError(f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     input_hw(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
@@ -287,6 +292,8 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
     """One epoch of optimiser steps in its phase; its history entry (loss, seconds)."""
     t = run.cfg.train
     run.model.phase = phase_at(run.phases, epoch).name
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(t.lr, t.lr_schedule, run.phases, epoch, t.epochs)
     run.ds.set_epoch(epoch)
     run.net.train()
     tic = time.perf_counter()
@@ -317,6 +324,8 @@ def _end_epoch(run: _Run, epoch: int, entry: dict[str, Any], validate: bool, bar
     """Rank 0 after an epoch: validate when asked and keep the best, write the checkpoint;
     whether to stop early."""
     t = run.cfg.train
+    if run.val is not None and validate:  # before the state is taken: it changes the model
+        fit_normal(run.model, run.val.good(), t.batch_size)
     state = {
         "config": run.cfg.to_dict(),
         "model": run.model.state_dict(),
@@ -338,8 +347,9 @@ def _end_epoch(run: _Run, epoch: int, entry: dict[str, Any], validate: bool, bar
 
 
 def _validate(run: _Run, entry: dict[str, Any], state: dict[str, Any], bar: tqdm) -> None:
-    """Score the validation set into ``entry``, calibrate on its good images into ``state``,
-    and write best.pt when this epoch beats the best so far."""
+    """Score the validation set into ``entry`` (the model has fitted its good images),
+    calibrate on its good images into ``state``, and write best.pt when this epoch beats the
+    best so far."""
     t, c = run.cfg.train, run.cfg.calibration
     ev = evaluate_model(run.model, run.val, t.batch_size)
     entry["val"] = ev.metrics()

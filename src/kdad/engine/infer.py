@@ -1,4 +1,5 @@
-"""Batched, streaming inference: batches in, (batch, maps, scores) out, nothing accumulated."""
+"""Batched, streaming inference: batches in, (batch, maps, scores) out, nothing accumulated;
+and the model's fit on good images, which runs the same way."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from kdad.data.dataset import ImageDataset
 from kdad.models import KDModel
@@ -22,3 +23,13 @@ def infer(
     for batch in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
         out = model(batch["image"].to(device))
         yield batch, out.anomaly_map.float().cpu(), out.score.float().cpu()
+
+
+@torch.inference_mode()
+def fit_normal(model: KDModel, ds: Dataset, batch_size: int = 16) -> None:
+    """Let ``model`` fit what it estimates from the good images of ``ds``
+    (``KDModel.fit_normal``): held-out good training images, never test images."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(ds, batch_size=batch_size)
+    model.fit_normal(batch["image"].to(device) for batch in loader)

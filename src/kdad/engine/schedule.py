@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdad.models import Phase
 
+LR_SCHEDULES = ("constant", "cosine")
 VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
 
 
@@ -23,6 +24,17 @@ def validation_interval(val_every: int, steps_per_epoch: int) -> int:
 def phase_at(phases: list[Phase], epoch: int) -> Phase:
     """The phase that epoch ``epoch`` (0-based) belongs to: the last one started by then."""
     return [p for p in phases if p.start <= epoch][-1]
+
+
+def learning_rate(lr: float, schedule: str, phases: list[Phase], epoch: int, epochs: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based): ``lr`` throughout (constant), or decayed
+    from ``lr`` along half a cosine over each phase, so that every phase ends near zero
+    (cosine; for a fixed number of epochs: with early stopping the decay is cut short)."""
+    if schedule == "constant":
+        return lr
+    phase = phase_at(phases, epoch)
+    end = min([p.start for p in phases if p.start > phase.start] + [epochs])
+    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - phase.start) / (end - phase.start)))
 
 
 def phase_warnings(model: str, phases: list[Phase], epochs: int, steps: int) -> list[str]:

@@ -2,11 +2,13 @@
 
 A method is one subclass of ``KDModel`` in one file and one line in ``MODELS``: the base class
 builds the frozen teacher and the options; the subclass adds its student, its typed training
-output, its loss and, when it needs them, its own training set and training phases.
+output, its loss and, when it needs them, its own training set, its training phases and what it
+fits on good images after training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
@@ -67,6 +69,11 @@ class KDModel(nn.Module):
         """What the model trains on, given the good training images (in their training views):
         by default those images."""
         return images
+
+    def fit_normal(self, images: Iterable[Tensor]) -> None:
+        """Fit what the model estimates from good images once trained: called in eval mode
+        without gradients on the held-out good training images (never test images), before
+        each validation and calibration, with batches (B, 3, H, W). By default nothing."""
 
     def phases(self, epochs: int) -> list[Phase]:
         """The training phases of a run of ``epochs``, in order: by default one."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from kdad.backbones.resnet import make_stage
 from kdad.errors import KdadError
 from kdad.models.base import Output
-from kdad.models.distill import Distiller, Pair, decode, rd_loss
+from kdad.models.distill import Distiller, MapOptions, Pair, decode, rd_loss
 from kdad.models.layers import conv_bn_relu, kaiming_init, pixel_cosine_loss
 
 # backbone -> (block, OCBE blocks, decoder blocks deepest first, inner width / output width),
@@ -43,8 +43,7 @@ class RD(Distiller):
     """Teacher encoder -> OCBE -> decoder student; anomaly = 1 - cos(teacher, student)."""
 
     @dataclass
-    class Options:
-        sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels
+    class Options(MapOptions):
         ocbe_blocks: int = 0  # residual blocks in the OCBE; 0 = the backbone's recipe
         decoder_blocks: tuple[int, ...] = ()  # per decoder stage, deepest first; () = recipe
         loss: str = "flat"  # flat: official, 1 - cos of whole flattened maps; pixel: per position

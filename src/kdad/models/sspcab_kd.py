@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kdad.backbones import build_backbone
 from kdad.models.base import Output
-from kdad.models.distill import Distiller
+from kdad.models.distill import Distiller, MapOptions
 from kdad.models.layers import SSPCAB, SimAM, pixel_cosine_loss
 
 
@@ -44,8 +44,7 @@ class SSPCABKD(Distiller):
     """Frozen teacher; a student of the same architecture with SimAM and SSPCAB inside."""
 
     @dataclass
-    class Options:
-        sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels
+    class Options(MapOptions):
         sspcab: bool = True  # SSPCAB on the deepest student feature
         simam: bool = True  # SimAM after each student stage
         sspcab_weight: float = 0.1  # weight of SSPCAB's reconstruction loss

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from kdad.errors import KdadError
 from kdad.models.base import Output
-from kdad.models.distill import Distiller, Pair
+from kdad.models.distill import Distiller, MapOptions, Pair
 from kdad.models.layers import (
     SelectiveFusion,
     conv_bn_relu,
@@ -43,8 +43,7 @@ class STUSeg(Distiller):
     """Frozen teacher; U-Net student on the image; anomaly = 1 - cos(teacher, student)."""
 
     @dataclass
-    class Options:
-        sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels
+    class Options(MapOptions):
         width: int = 32  # channels of the U-Net's first level (stride 2), doubled per level
         skips: bool = True  # skip connections from the encoder (off: a plain encoder-decoder)
         sfm: bool = True  # Selective Fusion Module at each merge (off: concatenation)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
 from kdad.data import augment as views
 from kdad.data.dataset import ImageDataset, TrainSet, resize_mask
@@ -33,6 +34,10 @@ class SyntheticValidationSet(ImageDataset):
 
     def __len__(self) -> int:
         return 2 * len(self.samples)
+
+    def good(self) -> Subset:
+        """The held-out good images as they are (the first half)."""
+        return Subset(self, range(len(self.samples)))
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         n = len(self.samples)
