@@ -16,11 +16,18 @@ silent.
   deep and the shallow feature per channel from their pooled sum, weights summing to one.
 - Loss and map (the abstract is silent): STPM's per-pixel loss, mean 1 - cos per scale, summed;
   the map is RD's, per-pixel 1 - cos summed over scales, Gaussian-smoothed; score its max.
+- Option ``seg_head`` (off by default, not in the abstract): the paper reports pixel AP and IAP,
+  the metrics of DeSTSeg, which segments with a head trained on synthetic defects. With it on,
+  training has DeST-DDPM's two phases: the student as above on the good images (those of the
+  defective half of each batch do not count: the training set now carries synthetic defects),
+  then DeSTSeg's head alone on teacher-student agreement, with the student frozen; the map is
+  the head's, the score the mean of its top pixels (``models/seghead.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.data.dataset import TrainSet
 from kdad.errors import KdadError
-from kdad.models.base import Output
+from kdad.models.base import Output, Phase
 from kdad.models.distill import Distiller, MapOptions, Pair
 from kdad.models.layers import (
     SelectiveFusion,
@@ -37,16 +45,28 @@ from kdad.models.layers import (
     kaiming_init,
     pixel_cosine_loss,
 )
+from kdad.models.seghead import (
+    HeadOptions,
+    Logits,
+    SegHead,
+    check_defects,
+    defect_set,
+    head_loss,
+    head_output,
+    head_phases,
+    head_score_rule,
+)
 
 
 class STUSeg(Distiller):
     """Frozen teacher; U-Net student on the image; anomaly = 1 - cos(teacher, student)."""
 
     @dataclass
-    class Options(MapOptions):
+    class Options(MapOptions, HeadOptions):
         width: int = 32  # channels of the U-Net's first level (stride 2), doubled per level
         skips: bool = True  # skip connections from the encoder (off: a plain encoder-decoder)
         sfm: bool = True  # Selective Fusion Module at each merge (off: concatenation)
+        seg_head: bool = False  # DeSTSeg's head on synthetic defects gives the map (HeadOptions)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,6 +96,34 @@ class STUSeg(Distiller):
             nn.Conv2d(widths[j], c, 1) for j, c in zip(self.levels, self.teacher.channels)
         )
         kaiming_init(self.down, self.up, self.refine, self.heads)
+        self.head = None
+        if opt.seg_head:
+            check_defects(opt)
+            self.head = SegHead(self.teacher.channels, opt.head_width)
+            kaiming_init(self.head)
+
+    @property
+    def score_rule(self) -> str:
+        return head_score_rule(self.opt) if self.head is not None else super().score_rule
+
+    def phases(self, epochs: int) -> list[Phase]:
+        return head_phases(self.opt, epochs) if self.head is not None else super().phases(epochs)
+
+    def train_set(self, images: TrainSet) -> TrainSet:
+        return defect_set(self.opt, images) if self.head is not None else images
+
+    def fit_normal(self, images: Iterable[Tensor]) -> None:
+        """The scales' weights, unless the head's map replaces theirs."""
+        if self.head is None:
+            super().fit_normal(images)
+
+    def train(self, mode: bool = True) -> STUSeg:
+        super().train(mode)
+        if self.phase == "head":  # the frozen student keeps its BatchNorm statistics
+            for part in (self.down, self.up, self.sfm, self.refine, self.heads):
+                if part is not None:
+                    part.train(False)
+        return self
 
     def student(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) -> features at the teacher's scales and widths, in its order."""
@@ -94,16 +142,34 @@ class STUSeg(Distiller):
             dec[j] = x
         return [head(dec[j]) for head, j in zip(self.heads, self.levels)]
 
-    def forward(self, x: Tensor) -> Pair | Output:
-        """(B, 3, H, W) -> train: teacher and student features; eval: Output."""
+    def forward(self, x: Tensor) -> Pair | Logits | Output:
+        """(B, 3, H, W) -> train: teacher and student features, or the head's logits in its
+        phase; eval: Output."""
         with torch.no_grad():
             t = self.teacher(x)
+        if self.head is not None and (self.phase == "head" or not self.training):
+            with torch.no_grad():
+                s = self.student(x)
+            logits = self.head.segment(t, s)
+            if self.training:
+                return Logits(logits)
+            return head_output(logits, tuple(x.shape[-2:]), self.opt.top_share)
         s = self.student(x)
         if self.training:
             return Pair(t, s)
         return self.output(t, s, x)
 
-    def loss(self, batch: dict[str, Tensor], out: Pair) -> dict[str, Tensor]:
+    def loss(self, batch: dict[str, Tensor], out: Pair | Logits) -> dict[str, Tensor]:
+        if isinstance(out, Logits):
+            return head_loss(out.logits, batch["mask"])
         pairs = enumerate(zip(out.teacher, out.student))
-        parts = {f"cos{i}": pixel_cosine_loss(t, s) for i, (t, s) in pairs}
+        if self.head is None:
+            parts = {f"cos{i}": pixel_cosine_loss(t, s) for i, (t, s) in pairs}
+        else:  # the student learns from the good images only: weights (B,) on them
+            w = (batch["label"] == 0).float()
+            w = w / w.sum().clamp_min(1)
+            parts = {
+                f"cos{i}": (w * (1 - F.cosine_similarity(t, s, dim=1)).mean((1, 2))).sum()
+                for i, (t, s) in pairs
+            }
         return {"loss": sum(parts.values()), **parts}

@@ -1,0 +1,107 @@
+"""DeSTSeg's segmentation head on teacher-student agreement, trained on synthetic defects: what
+DeST-DDPM and STU-Seg's ``seg_head`` option share (its options, the defects it trains on, the
+head, its loss, its map and score, and the two training phases)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdad.data.dataset import TrainSet
+from kdad.errors import KdadError
+from kdad.models.base import Output, Phase
+from kdad.models.layers import ASPP, conv_bn_relu
+from kdad.synth.bank import read_bank
+from kdad.synth.datasets import SyntheticTrainSet
+
+# Segmentation-head steps below which training warns: on battery-weld the head had learnt
+# nothing after 40 steps and found the validation defects after 60 (DeSTSeg trains it 4000).
+MIN_HEAD_STEPS = 100
+
+
+@dataclass
+class HeadOptions:
+    """Where the head's training defects come from, how the epochs split, how it scores."""
+
+    defects: str = "perlin"  # perlin | ddpm: where training defects come from
+    ddpm_samples: str = field(default="", metadata={"path": True})  # `kdad synth sample`
+    defect_prob: float = 0.5  # share of training images given a defect
+    student_share: float = 0.5  # share of epochs training the student; then the head
+    top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
+    head_width: int = 128
+
+
+def check_defects(opt: HeadOptions) -> None:
+    """A clear error for a bad defect source."""
+    if opt.defects not in ("perlin", "ddpm"):
+        raise KdadError(f"defects must be 'perlin' or 'ddpm', got {opt.defects!r}")
+    if opt.defects == "ddpm" and not opt.ddpm_samples:
+        raise KdadError("defects: ddpm needs ddpm_samples, a folder from `kdad synth sample`")
+
+
+def head_score_rule(opt: HeadOptions) -> str:
+    """The head's image score, for results tables."""
+    return f"mean of the top {100 * opt.top_share:.2g}% of the segmentation map"
+
+
+def head_phases(opt: HeadOptions, epochs: int) -> list[Phase]:
+    """Phase one trains the student, phase two the head alone; only phase two scores (the
+    head is untrained before). Phase one has at least one epoch: a one-epoch run trains the
+    student only."""
+    head = max(1, round(opt.student_share * epochs))
+    return [Phase("student", 0, scoring=False), Phase("head", head, min_steps=MIN_HEAD_STEPS)]
+
+
+def defect_set(opt: HeadOptions, images: TrainSet) -> SyntheticTrainSet:
+    """The good training images with synthetic defects (Perlin, or the painted bank's defects
+    of these images) and their masks."""
+    bank = read_bank(opt.ddpm_samples, images.samples) if opt.defects == "ddpm" else None
+    return SyntheticTrainSet.around(images, opt.defect_prob, bank)
+
+
+class Logits(NamedTuple):
+    """Training output of the head phase: defect logits (B, 1, h, w)."""
+
+    logits: Tensor
+
+
+class SegHead(nn.Sequential):
+    """Per-scale products of the L2-normalised teacher and student features, upsampled to the
+    shallowest scale and concatenated -> conv-BN-ReLU, ASPP, 1x1 conv -> defect logits."""
+
+    def __init__(self, channels: list[int], width: int) -> None:
+        super().__init__(
+            conv_bn_relu(sum(channels), width), ASPP(width, width), nn.Conv2d(width, 1, 1)
+        )
+
+    def segment(self, t: list[Tensor], s: list[Tensor]) -> Tensor:
+        """Teacher and student features -> defect logits (B, 1, h, w) at the shallowest scale."""
+        size = t[0].shape[-2:]
+        prods = [
+            F.interpolate(F.normalize(a, dim=1) * F.normalize(b, dim=1), size=size, mode="bilinear")
+            for a, b in zip(t, s)
+        ]
+        return self(torch.cat(prods, 1))
+
+
+def head_output(logits: Tensor, size: tuple[int, int], top_share: float) -> Output:
+    """The head's probability upsampled to ``size`` (B, H, W); score: the mean of its top
+    ``top_share`` pixels."""
+    amap = torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear"))[:, 0]
+    k = max(1, round(top_share * amap[0].numel()))
+    return Output(amap, amap.flatten(1).topk(k, dim=1).values.mean(1))
+
+
+def head_loss(logits: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Focal (gamma 4) plus L1 loss of logits (B, 1, h, w) on synthetic masks (B, H, W),
+    area-downsampled to the logits."""
+    target = F.interpolate(mask[:, None].float(), size=logits.shape[-2:], mode="area")
+    p = torch.sigmoid(logits)
+    pt = torch.where(target > 0.5, p, 1 - p)
+    bce = F.binary_cross_entropy_with_logits(logits, (target > 0.5).float(), reduction="none")
+    parts = {"focal": ((1 - pt) ** 4 * bce).mean(), "l1": (p - target).abs().mean()}
+    return {"loss": parts["focal"] + parts["l1"], **parts}
