@@ -1,5 +1,5 @@
-"""Benchmark: RD with the default EfficientNet-Lite0 teacher on Magnetic Tile (DifferNet split),
-or on any dataset given with --data.
+"""Benchmark: RD (or --model) with the default EfficientNet-Lite0 teacher on Magnetic Tile
+(DifferNet split), or on any dataset given with --data.
 
 Trains (kdad's default schedule unless --epochs, --patience or --val-every say otherwise), tests,
 and times inference; writes a JSON result (metrics, per-class image AUROC, wall time of training,
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, help="epochs between validations (kdad's default)")
     ap.add_argument("--image-size", type=int, help="input side (the config's, else 256)")
     ap.add_argument("--backbone", help="teacher (the config's, else efficientnet_lite0)")
+    ap.add_argument("--model", help="kdad model (the config's, else rd)")
     ap.add_argument("--config", help="a kdad run config (YAML file or shipped recipe name)")
     ap.add_argument(
         "--set",
@@ -110,7 +111,7 @@ def main() -> None:
         data=args.data,
         patience=args.patience,
         val_every=args.val_every,
-        model="rd",
+        model=args.model,
         epochs=args.epochs,
         seed=args.seed,
         out=args.run_dir,
