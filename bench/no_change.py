@@ -32,7 +32,7 @@ RUNS = [
     ("bsdrd", "bsdrd", {}),
     ("stu_seg", "stu_seg", {}),
     ("sspcab_kd", "sspcab_kd", {}),
-    ("dest_ddpm", "dest_ddpm", {}),
+    ("dest_ddpm", "dest_ddpm", {"defects": "perlin"}),
     ("dest_ddpm_bank", "dest_ddpm", {"defects": "ddpm", "ddpm_samples": "BANK"}),
 ]
 

@@ -17,7 +17,7 @@ from kdad.config import DataConfig, RunConfig
 from kdad.data.io import read_image, read_mask
 from kdad.data.layouts import training_samples
 from kdad.engine.fit import datasets
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
 from kdad.models import model_from_config
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
@@ -110,6 +110,7 @@ def test_training_set_defects_are_seeded_and_bank_keeps_out_held_images(tmp_path
     data = make_mvtec(tmp_path / "data", n_train=12)
     cfg = RunConfig()
     cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 32, "dest_ddpm"
+    cfg.model.options = {"defects": "perlin"}
     ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
     assert isinstance(ds, SyntheticTrainSet)
     ds.set_epoch(0)
@@ -208,3 +209,36 @@ def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
         str(tmp_path / "x"),
     )
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+def test_dest_ddpm_paints_its_own_bank_by_default_and_reuses_it(tmp_path: Path, capfd) -> None:
+    import kdad as api
+
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    run = tmp_path / "run"
+    tiny = {"ddpm_steps": 3, "ddpm_count": 4}
+    settings = dict(model="dest_ddpm", batch_size=4, image_size=32, progress=True)
+    with pytest.warns(KdadWarning, match="head gets"):
+        api.train(data=data, options=tiny, epochs=1, out=run, **settings)
+    err = capfd.readouterr().err
+    fit, _ = training_samples(DataConfig(path=str(data)))
+    assert f"training a DDPM of the {len(fit)} good images (3 steps)" in err
+    assert f"painting 4 defects into {run / 'defects'}" in err
+    made = [run / "ddpm" / "ddpm.pt", run / "defects" / "synthetic.csv"]
+    with open(made[1], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["source"] for r in rows} <= {str(s.path.resolve()) for s in fit}
+    stamps = [p.stat().st_mtime_ns for p in made]
+
+    with pytest.warns(KdadWarning, match="head gets"):
+        api.train(epochs=2, out=run, resume=True, **settings)  # reuses the bank
+    err = capfd.readouterr().err
+    assert "DDPM" not in err and "painting" not in err
+    assert [p.stat().st_mtime_ns for p in made] == stamps
+
+    later = tmp_path / "later"  # a later run naming the bank reuses it too
+    bank = {"ddpm_samples": str(run / "defects")}
+    with pytest.warns(KdadWarning, match="head gets"):
+        api.train(data=data, options=bank, epochs=2, out=later, **settings)
+    assert "painting" not in capfd.readouterr().err and not (later / "ddpm").exists()
+    assert str(run / "defects") in (later / "config.yaml").read_text()

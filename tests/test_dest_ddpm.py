@@ -69,8 +69,8 @@ def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
 def test_bad_defect_options_are_refused() -> None:
     with pytest.raises(KdadError, match="'perlin' or 'ddpm'"):
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "dtd"})
-    with pytest.raises(KdadError, match="needs ddpm_samples"):
-        build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "ddpm"})
+    with pytest.raises(KdadError, match="ddpm_steps and ddpm_count must be at least 1"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"ddpm_count": 0})
 
 
 def test_too_few_head_steps_warn() -> None:
@@ -92,7 +92,8 @@ def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -
     run = tmp_path / "run"
     with pytest.warns(KdadWarning, match="head gets 4 optimiser steps"):
         kdad.train(
-            data=data, model="dest_ddpm", epochs=4, batch_size=4, image_size=32, val_every=1,
+            data=data, model="dest_ddpm", options={"defects": "perlin"}, epochs=4, batch_size=4,
+            image_size=32, val_every=1,
             out=run, progress=False,
         )  # fmt: skip
     history = load_checkpoint(run / "checkpoint.pt")["history"]

@@ -77,7 +77,8 @@ def test_seg_head_option_trains_the_student_then_the_head_alone(tmp_path: Path) 
     data = make_mvtec(tmp_path / "data", n_train=10)
     run = tmp_path / "run"
     settings = dict(
-        data=data, model="stu_seg", options={"seg_head": True}, batch_size=4, image_size=32,
+        data=data, model="stu_seg", options={"seg_head": True, "defects": "perlin"}, batch_size=4,
+        image_size=32,
         val_every=1, out=run, progress=False,
     )  # fmt: skip
     with pytest.warns(KdadWarning, match="head gets 0 optimiser steps"):

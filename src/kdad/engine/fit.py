@@ -32,6 +32,7 @@ from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import (
     Rank,
+    barrier,
     broadcast,
     current,
     ensure_group,
@@ -76,15 +77,23 @@ def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) 
         ) from e
 
 
-def datasets(cfg: RunConfig, model: KDModel) -> tuple[TrainSet, SyntheticValidationSet | None]:
-    """What ``model`` trains on, from the good training images of ``cfg.data``, and the
+def datasets(
+    cfg: RunConfig, model: KDModel, progress: bool = False
+) -> tuple[TrainSet, SyntheticValidationSet | None]:
+    """What ``model`` trains on, from the good training images of ``cfg.data`` (whatever it
+    makes for that, in the run folder: by rank 0 first, the other ranks then reuse it), and the
     validation set made from the held-out fraction (``data.holdout``) with synthetic defects;
     None when nothing is held out."""
     d = cfg.data
     fit_samples, held = training_samples(d)
     spec = get_spec(cfg.model.backbone)
     images = TrainSet(fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, d.augment)
-    train = model.train_set(images)
+    main = current().main
+    if main:
+        train = model.train_set(images, Path(cfg.out), progress)
+    barrier()
+    if not main:
+        train = model.train_set(images, Path(cfg.out), False)
     val = SyntheticValidationSet(held, d.image_size, spec.mean, spec.std) if held else None
     return train, val
 
@@ -159,7 +168,7 @@ class _Run:
 
 def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     cfg, state = _start(cfg, resume)
-    run = _setup(cfg, state)
+    run = _setup(cfg, state, progress)
     t, r, say = cfg.train, run.r, progress and run.r.main
     steps = len(_loader(run.ds, cfg, 0, r))
     every = validation_interval(t.val_every, steps)
@@ -224,7 +233,7 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
     return cfg, state
 
 
-def _setup(cfg: RunConfig, state: dict[str, Any] | None) -> _Run:
+def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run:
     """Seeded model, data, data-parallel wrapper and optimiser; resumed from ``state``."""
     t, out = cfg.train, Path(cfg.out)
     device = resolve_device(t.device)
@@ -239,7 +248,7 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None) -> _Run:
     model = model_from_config(cfg.model, pretrained=state is None).to(
         device, memory_format=torch.channels_last
     )
-    ds, val = datasets(cfg, model)
+    ds, val = datasets(cfg, model, progress and r.main)
     if state is not None:
         model.load_state_dict(state["model"])
     check_input_size(model, ds.size, device)

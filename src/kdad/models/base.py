@@ -9,6 +9,7 @@ fits on good images after training.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
@@ -65,9 +66,10 @@ class KDModel(nn.Module):
         """``{"loss": total, **named parts to log}`` for a training batch."""
         raise NotImplementedError
 
-    def train_set(self, images: TrainSet) -> TrainSet:
+    def train_set(self, images: TrainSet, folder: Path, progress: bool) -> TrainSet:
         """What the model trains on, given the good training images (in their training views):
-        by default those images."""
+        by default those images. What it makes to train on, it makes in the run's ``folder``
+        and reuses from there when the run resumes (saying what it does when ``progress``)."""
         return images
 
     def fit_normal(self, images: Iterable[Tensor]) -> None:

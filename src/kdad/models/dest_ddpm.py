@@ -21,6 +21,7 @@ the abstract is silent; docs/models.md lists where it does not.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -79,8 +80,8 @@ class DeSTDDPM(KDModel):
     def phases(self, epochs: int) -> list[Phase]:
         return head_phases(self.opt, epochs)
 
-    def train_set(self, images: TrainSet) -> SyntheticTrainSet:
-        return defect_set(self.opt, images)
+    def train_set(self, images: TrainSet, folder: Path, progress: bool) -> SyntheticTrainSet:
+        return defect_set(self.opt, images, folder, self.head[-1].weight.device, progress)
 
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)

@@ -5,6 +5,7 @@ head, its loss, its map and score, and the two training phases)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -17,6 +18,7 @@ from kdad.models.base import Output, Phase
 from kdad.models.layers import ASPP, conv_bn_relu
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
+from kdad.synth.diffusion import paint_bank
 
 # Segmentation-head steps below which training warns: on battery-weld the head had learnt
 # nothing after 40 steps and found the validation defects after 60 (DeSTSeg trains it 4000).
@@ -27,8 +29,10 @@ MIN_HEAD_STEPS = 100
 class HeadOptions:
     """Where the head's training defects come from, how the epochs split, how it scores."""
 
-    defects: str = "perlin"  # perlin | ddpm: where training defects come from
-    ddpm_samples: str = field(default="", metadata={"path": True})  # `kdad synth sample`
+    defects: str = "ddpm"  # ddpm | perlin: where training defects come from
+    ddpm_samples: str = field(default="", metadata={"path": True})  # a bank; "": paint one
+    ddpm_steps: int = 4000  # DDPM training steps when painting a bank
+    ddpm_count: int = 200  # defects painted into the bank
     defect_prob: float = 0.5  # share of training images given a defect
     student_share: float = 0.5  # share of epochs training the student; then the head
     top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
@@ -39,8 +43,8 @@ def check_defects(opt: HeadOptions) -> None:
     """A clear error for a bad defect source."""
     if opt.defects not in ("perlin", "ddpm"):
         raise KdadError(f"defects must be 'perlin' or 'ddpm', got {opt.defects!r}")
-    if opt.defects == "ddpm" and not opt.ddpm_samples:
-        raise KdadError("defects: ddpm needs ddpm_samples, a folder from `kdad synth sample`")
+    if opt.ddpm_steps < 1 or opt.ddpm_count < 1:
+        raise KdadError("ddpm_steps and ddpm_count must be at least 1")
 
 
 def head_score_rule(opt: HeadOptions) -> str:
@@ -56,10 +60,19 @@ def head_phases(opt: HeadOptions, epochs: int) -> list[Phase]:
     return [Phase("student", 0, scoring=False), Phase("head", head, min_steps=MIN_HEAD_STEPS)]
 
 
-def defect_set(opt: HeadOptions, images: TrainSet) -> SyntheticTrainSet:
-    """The good training images with synthetic defects (Perlin, or the painted bank's defects
-    of these images) and their masks."""
-    bank = read_bank(opt.ddpm_samples, images.samples) if opt.defects == "ddpm" else None
+def defect_set(
+    opt: HeadOptions, images: TrainSet, folder: Path, device: torch.device, progress: bool
+) -> SyntheticTrainSet:
+    """The good training images with synthetic defects and their masks: Perlin ones, or those
+    of a DDPM-painted bank, ``ddpm_samples`` or else one painted from these images into the run
+    ``folder`` (``synth.diffusion.paint_bank``: made once, reused on resume)."""
+    bank = None
+    if opt.defects == "ddpm":
+        source = Path(opt.ddpm_samples) if opt.ddpm_samples else None
+        if source is None:
+            steps, count, seed = opt.ddpm_steps, opt.ddpm_count, images.seed
+            source = paint_bank(images.samples, folder, steps, count, seed, str(device), progress)
+        bank = read_bank(source, images.samples)
     return SyntheticTrainSet.around(images, opt.defect_prob, bank)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,8 +110,10 @@ class STUSeg(Distiller):
     def phases(self, epochs: int) -> list[Phase]:
         return head_phases(self.opt, epochs) if self.head is not None else super().phases(epochs)
 
-    def train_set(self, images: TrainSet) -> TrainSet:
-        return defect_set(self.opt, images) if self.head is not None else images
+    def train_set(self, images: TrainSet, folder: Path, progress: bool) -> TrainSet:
+        if self.head is None:
+            return images
+        return defect_set(self.opt, images, folder, self.head[-1].weight.device, progress)
 
     def fit_normal(self, images: Iterable[Tensor]) -> None:
         """The scales' weights, unless the head's map replaces theirs."""

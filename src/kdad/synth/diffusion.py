@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from kdad.config import DataConfig
 from kdad.data.dataset import resize_image
 from kdad.data.io import read_image
-from kdad.data.layouts import training_samples
+from kdad.data.layouts import Sample, training_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import resolve_device
 from kdad.errors import KdadError
@@ -55,16 +56,20 @@ def _is_gray(paths: list[Path]) -> bool:
     return all(np.ptp(read_image(p), axis=2).max() < 1e-6 for p in paths)
 
 
-def train_ddpm(cfg: DiffusionConfig, progress: bool = True) -> Path:
-    """Train the DDPM of ``cfg`` into ``cfg.out``/ddpm.pt; never overwrites a finished one."""
+def train_ddpm(
+    cfg: DiffusionConfig, progress: bool = True, samples: list[Sample] | None = None
+) -> Path:
+    """Train the DDPM of ``cfg`` into ``cfg.out``/ddpm.pt on ``samples``, by default the good
+    training images of ``cfg.data``; never overwrites a finished one."""
     out = Path(cfg.out)
     ckpt = out / "ddpm.pt"
     if ckpt.exists():
         raise KdadError(f"{ckpt} exists: choose another --out")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise KdadError("steps and batch size must be at least 1")
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    samples = training_samples(cfg.data)[0]
+    if cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+    samples = samples if samples is not None else training_samples(cfg.data)[0]
     if cfg.ddpm.channels not in (0, 1, 3):
         raise KdadError(f"channels must be 0 (auto), 1 or 3, got {cfg.ddpm.channels}")
     if cfg.ddpm.channels == 0:
@@ -154,8 +159,10 @@ def sample_defects(
     batch_size: int = 16,
     min_change: float = 8 / 255,
     progress: bool = True,
+    samples: list[Sample] | None = None,
 ) -> Path:
-    """Paint ``count`` defects on good training images (cycled in a seeded order) and write
+    """Paint ``count`` defects on good training images (``samples``, by default those of the
+    DDPM's data; cycled in a seeded order) and write
     them at each source's resolution: ``out``/test/ddpm/NNNN.png, ``out``/ground_truth/ddpm/
     NNNN_mask.png and ``out``/synthetic.csv (image, mask, source), written last.
 
@@ -166,10 +173,10 @@ def sample_defects(
     unchanged is drawn again (at most ``_REDRAWS`` times).
     """
     model, cfg = load_ddpm(model_path)
-    dc = DataConfig(**cfg["data"])
-    if data:
-        dc.path = data
-    samples = training_samples(dc)[0]
+    if samples is None:
+        dc = DataConfig(**cfg["data"])
+        dc.path = data or dc.path
+        samples = training_samples(dc)[0]
     out = Path(out)
     if (out / "synthetic.csv").exists():
         raise KdadError(f"{out / 'synthetic.csv'} exists: choose another --out")
@@ -219,3 +226,35 @@ def sample_defects(
 
     atomic_write(out / "synthetic.csv", write)
     return out
+
+
+def paint_bank(
+    samples: list[Sample],
+    folder: Path,
+    steps: int,
+    count: int,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """A defect bank of ``samples`` made in ``folder``: a DDPM of them trained for ``steps``
+    into ``folder``/ddpm (kept once finished), then ``count`` defects painted with it into
+    ``folder``/defects (kept once its synthetic.csv is written); what exists is reused, so an
+    interrupted or resumed run redoes only what is missing. Returns the bank folder."""
+    ddpm, bank = folder / "ddpm", folder / "defects"
+    if not (bank / "synthetic.csv").is_file():
+        if not (ddpm / "ddpm.pt").is_file():
+            if progress:
+                tqdm.write(
+                    f"kdad: training a DDPM of the {len(samples)} good images ({steps} steps) "
+                    f"to paint defects into {bank}",
+                    file=sys.stderr,
+                )
+            cfg = DiffusionConfig(
+                ddpm=DDPMOptions(channels=0), steps=steps, seed=seed, device=device, out=str(ddpm)
+            )
+            train_ddpm(cfg, progress, samples)
+        if progress:
+            tqdm.write(f"kdad: painting {count} defects into {bank}", file=sys.stderr)
+        sample_defects(ddpm, bank, count, seed=seed, progress=progress, samples=samples)
+    return bank
