@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import parse_sets, write_result
-from rd_mtd import mtd_halves
 
 import kdad
 
@@ -49,10 +48,9 @@ def main() -> None:
             progress=False,
             **extra,
         )
-        maps = run / f"maps_e{epochs}.npz"
-        kdad.evaluate(run / "checkpoint.pt", out=run / f"test_e{epochs}", save_maps=maps)
+        res = kdad.evaluate(run / "checkpoint.pt", out=run / f"test_e{epochs}")
         history = torch.load(run / "checkpoint.pt", weights_only=True)["history"]
-        halves = mtd_halves(maps)
+        halves = res["halves"]
         points.append(
             {
                 "epoch": epochs,
@@ -61,7 +59,6 @@ def main() -> None:
                 "dev": halves["dev"],
             }
         )
-        maps.unlink()
         m = halves["dev"]["metrics"]
         print(epochs, {k: round(m[k], 3) for k in ("image_auroc", "pixel_auroc", "pixel_ap")})
     write_result(args.out, {"benchmark": "mtd_curve", "settings": vars(args), "points": points})

@@ -27,8 +27,7 @@ from common import parse_sets, write_result
 
 import kdad
 from kdad.data.io import read_image
-from kdad.data.layouts import mtd_dev_names, mtd_key
-from kdad.metrics import compute_metrics, image_auroc
+from kdad.metrics import image_auroc
 
 
 def throughput(det: kdad.Detector, images: list[np.ndarray], batch: int, repeats: int) -> float:
@@ -49,30 +48,6 @@ def per_class_auroc(per_image: list[dict]) -> dict[str, float | None]:
         out[defect] = image_auroc(
             np.array([r["score"] for r in rows]), np.array([r["label"] for r in rows])
         )
-    return out
-
-
-def mtd_halves(maps_file: Path) -> dict[str, dict]:
-    """Every metric, and image AUROC per class, on the dev and the final half of the Magnetic
-    Tile test set (kdad's shipped split), from the saved maps."""
-    saved = np.load(maps_file)
-    dev = mtd_dev_names()
-    in_dev = np.array([mtd_key(Path(p)) in dev for p in saved["paths"]])
-    classes = np.array([Path(p).parent.parent.name.removeprefix("MT_") for p in saved["paths"]])
-    out = {}
-    for half, sel in (("dev", in_dev), ("final", ~in_dev)):
-        pix = sel & saved["has_mask"]
-        scores, labels = saved["scores"][sel], saved["labels"][sel]
-        metrics = compute_metrics(scores, labels, saved["maps"][pix], saved["masks"][pix])
-        per_class = {}
-        for c in sorted(set(classes[sel]) - {"Free"}):
-            rows = sel & ((classes == c) | (classes == "Free"))
-            per_class[c] = image_auroc(saved["scores"][rows], saved["labels"][rows])
-        out[half] = {
-            "images": int(sel.sum()),
-            "metrics": metrics,
-            "image_auroc_per_class": per_class,
-        }
     return out
 
 
@@ -145,8 +120,8 @@ def main() -> None:
         },
         "protocol": res["protocol"],
     }
-    if res["protocol"]["layout"] == "mtd":
-        result["halves"] = mtd_halves(maps_file)
+    if "halves" in res:
+        result["halves"] = res["halves"]
     write_result(args.out, result)
     print(
         json.dumps(

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
-from rd_mtd import mtd_halves, per_class_auroc
+from rd_mtd import per_class_auroc
 
 import kdad
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -33,16 +33,15 @@ def variant(ckpt: Path, tmp: Path, normalised: bool) -> dict:
     path = tmp / ("normalised.pt" if normalised else "plain.pt")
     save_checkpoint(path, state)
     kdad.calibrate(path)  # fits the weights when scale_norm is on, then the thresholds
-    maps = tmp / "maps.npz"
-    res = kdad.evaluate(path, save_maps=maps)
+    res = kdad.evaluate(path)
     weights = load_checkpoint(path)["model"]["scale_weights"]
     out = {
         "scale_weights": weights.tolist(),
         "metrics": res["metrics"],
         "image_auroc_per_class": per_class_auroc(res["per_image"]),
     }
-    if res["protocol"]["layout"] == "mtd":
-        out["halves"] = mtd_halves(maps)
+    if "halves" in res:
+        out["halves"] = res["halves"]
     return out
 
 

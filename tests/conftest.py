@@ -71,19 +71,24 @@ def make_folder(root: Path, n_good: int = 6, n_bad: int = 3, seed: int = 1) -> P
 
 
 def make_mtd(root: Path, n_test_good: int = 3, n_bad: int = 2) -> Path:
-    """Magnetic Tile's layout holding every DifferNet training name (tiny gray JPEGs)."""
-    from kdad.data.layouts import mtd_train_names
+    """Magnetic Tile's layout holding every DifferNet training name (tiny gray JPEGs); the
+    first good and the first defective test image have names of the shipped dev half."""
+    from kdad.data.layouts import mtd_dev_names, mtd_train_names
 
     rng = np.random.default_rng(2)
+    dev = sorted(mtd_dev_names())
     free = root / "MT_Free" / "Imgs"
-    names = sorted(mtd_train_names()) + [f"exp9_num_{i}.jpg" for i in range(n_test_good)]
-    for name in names:
+    test = [f"exp9_num_{i}.jpg" for i in range(n_test_good)]
+    test[0] = next(n for n in dev if n.startswith("MT_Free/")).split("/")[1]
+    for name in sorted(mtd_train_names()) + test:
         save(free / name, texture(rng, 16)[:, :, 0])
         save(free / name.replace(".jpg", ".png"), np.zeros((16, 16), np.uint8))
-    for i in range(n_bad):
+    bad = [f"exp9_num_b{i}.jpg" for i in range(n_bad)]
+    bad[0] = next(n for n in dev if n.startswith("MT_Blowhole/")).split("/")[1]
+    for name in bad:
         img, mask = defect(rng, 16)
-        save(root / "MT_Blowhole" / "Imgs" / f"exp9_num_b{i}.jpg", img[:, :, 0])
-        save(root / "MT_Blowhole" / "Imgs" / f"exp9_num_b{i}.png", mask)
+        save(root / "MT_Blowhole" / "Imgs" / name, img[:, :, 0])
+        save(root / "MT_Blowhole" / "Imgs" / name.replace(".jpg", ".png"), mask)
     return root
 
 

@@ -278,6 +278,15 @@ def test_mtd_layout_trains_without_split_flag(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert res["counts"]["images"] == 5 and res["protocol"]["layout"] == "mtd"
     assert res["protocol"]["split"].startswith("DifferNet split")
+    # settings are chosen on the shipped dev half: its images and the rest, scored apart
+    dev, final = res["halves"]["dev"], res["halves"]["final"]
+    assert (dev["images"], final["images"]) == (2, 3)
+    scores = {Path(r["path"]).name: (r["score"], r["label"]) for r in res["per_image"]}
+    dev_rows = [v for k, v in scores.items() if not k.startswith("exp9_")]
+    assert len(dev_rows) == 2 and {label for _, label in dev_rows} == {0, 1}
+    good, bad = sorted(dev_rows, key=lambda v: v[1])
+    assert dev["metrics"]["image_auroc"] == (1.0 if bad[0] > good[0] else 0.0)
+    assert set(dev["image_auroc_per_class"]) == set(final["image_auroc_per_class"]) == {"Blowhole"}
 
 
 def test_predict_walks_nested_folders_keeping_relative_names(tmp_path: Path) -> None:

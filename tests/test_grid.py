@@ -13,7 +13,8 @@ from conftest import make_folder, make_mvtec
 from kdad.cli import main
 from kdad.engine.checkpoint import load_checkpoint
 from kdad.errors import KdadError
-from kdad.grid import load_grid
+from kdad.grid import load_grid, summarise
+from kdad.metrics import METRIC_NAMES
 
 
 def _grid(tmp_path: Path) -> Path:
@@ -51,7 +52,8 @@ def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
         assert float(r["image_auroc_mean"]) == pytest.approx(sum(aurocs) / 2, abs=1e-5)
         assert float(r["img_per_s_mean"]) > 0 and float(r["train_s_mean"]) > 0
     md = (out / "results.md").read_text()
-    assert md.startswith("| model | data | seeds | image_auroc") and " ± " in md
+    assert md.startswith("| model | data | seeds | test | image_auroc") and " ± " in md
+    assert {r["test"] for r in rows} == {"all"}  # no dev/final split: the whole test set
 
     # Run again: nothing is redone; delete one result: only that run is done again.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
@@ -73,6 +75,23 @@ def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["bench", str(grid), "--models", "nope"]) == 2
     assert "no model 'nope' in the grid" in capsys.readouterr().err
+
+
+def test_rows_report_the_final_half_where_the_test_set_has_one(tmp_path: Path) -> None:
+    grid = load_grid(_grid(tmp_path))
+    run = {"training": {"best": None, "seconds": 1.0}, "images_per_second": 2.0}
+    whole = {m: 0.5 for m in METRIC_NAMES}
+    halves = {
+        h: {"metrics": {m: v for m in METRIC_NAMES}} for h, v in (("dev", 0.1), ("final", 0.9))
+    }
+    results = {0: {**run, "metrics": whole, "halves": halves}, 1: {**run, "metrics": whole}}
+    results[2] = {**run, "metrics": whole, "halves": halves}
+    results[3] = results[2]
+    table = summarise(grid, results)
+    assert [(r["data"], r["test"], r["image_auroc"][0]) for r in table] == [
+        ("A", "all", 0.5),  # one seed without halves: the whole test set for the row
+        ("B", "final half", 0.9),
+    ]
 
 
 def test_bad_grid_files(tmp_path: Path) -> None:

@@ -100,9 +100,9 @@ def evaluate(
     device: str = "auto",
     save_maps: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Score a labelled test set: every metric, the protocol and per-image scores, also written
-    to OUT/metrics.json; ``save_maps`` writes the maps and ground truth to an .npz.
-    Data defaults to the training data's folder."""
+    """Score a labelled test set: every metric, the protocol and per-image scores (and on
+    Magnetic Tile, its dev and final halves), also written to OUT/metrics.json; ``save_maps``
+    writes the maps and ground truth to an .npz. Data defaults to the training data's folder."""
     with warnings.catch_warnings():  # metrics need no calibration
         warnings.simplefilter("ignore", KdadWarning)
         det = load(checkpoint, device)
@@ -145,6 +145,8 @@ def evaluate(
             for p, s, sc in zip(paths, samples, ev.scores)
         ],
     }
+    if layout == "mtd":  # settings are chosen on dev and reported on final (docs/benchmarks.md)
+        result["halves"] = ev.halves(samples)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -156,16 +156,21 @@ def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
 
 
 def summarise(grid: Grid, results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (model, dataset): mean and std over seeds of every metric and cost."""
+    """One row per (model, dataset): mean and std over seeds of every metric and cost. Metrics
+    are those of the final half of the test set where it has one (Magnetic Tile: settings are
+    chosen on the dev half), else of the whole."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for i, job in enumerate(grid.jobs):
         if i in results:
             rows.setdefault(job.row, []).append(results[i])
     table = []
     for (model, data), runs in rows.items():
+        final = all("halves" in r for r in runs)
+        metrics = [r["halves"]["final"]["metrics"] if final else r["metrics"] for r in runs]
         row: dict[str, Any] = {"model": model, "data": data, "seeds": len(runs)}
+        row["test"] = "final half" if final else "all"
         for m in METRIC_NAMES:
-            row[m] = _mean_std([r["metrics"][m] for r in runs])
+            row[m] = _mean_std([x[m] for x in metrics])
         row["val"] = _mean_std([(r["training"]["best"] or {}).get("value") for r in runs])
         row["train_s"] = _mean_std([r["training"]["seconds"] for r in runs])
         row["img_per_s"] = _mean_std([r["images_per_second"] for r in runs])
@@ -182,13 +187,14 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) 
 def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     """results.md (metrics in %, mean ± std over seeds) and results.csv (raw fractions)."""
     out.mkdir(parents=True, exist_ok=True)
-    head = ["model", "data", "seeds", *METRIC_NAMES, "val (select)", "train s", "img/s"]
+    head = ["model", "data", "seeds", "test", *METRIC_NAMES, "val (select)", "train s", "img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [
             r["model"],
             r["data"],
             str(r["seeds"]),
+            r["test"],
             *(_fmt(r[m]) for m in METRIC_NAMES),
             _fmt(r["val"]),
             _fmt(r["train_s"], 1, 0),
@@ -204,7 +210,8 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
             w = csv.writer(f)
             cols = [*METRIC_NAMES, "val", "train_s", "img_per_s"]
             w.writerow(
-                ["model", "data", "seeds", *[f"{c}_{s}" for c in cols for s in ("mean", "std")]]
+                ["model", "data", "seeds", "test"]
+                + [f"{c}_{s}" for c in cols for s in ("mean", "std")]
             )
             for r in table:
                 w.writerow(
@@ -212,6 +219,7 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
                         r["model"],
                         r["data"],
                         r["seeds"],
+                        r["test"],
                         *[("" if r[c] is None else f"{r[c][k]:.6g}") for c in cols for k in (0, 1)],
                     ]
                 )

@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from kdad.data.layouts import Sample, mtd_dev_names, mtd_key
 from kdad.engine.infer import infer
 from kdad.errors import KdadError
 from kdad.files import atomic_write
-from kdad.metrics import compute_metrics
+from kdad.metrics import compute_metrics, image_auroc
 from kdad.models import KDModel
 
 
@@ -27,11 +29,32 @@ class Evaluation:
     has_mask: np.ndarray  # (N,) False for defective images whose mask is unknown
     seconds: float  # inference time
 
-    def metrics(self) -> dict[str, float | None]:
-        """Every metric: image ones over all images, pixel ones over images with masks."""
-        keep = self.has_mask
+    def metrics(self, sel: np.ndarray | None = None) -> dict[str, float | None]:
+        """Every metric over the images ``sel`` (bool (N,); all by default): image ones over
+        them all, pixel ones over those with masks."""
+        sel = np.ones(len(self.scores), bool) if sel is None else sel
+        keep = sel & self.has_mask
         maps, masks = (self.maps, self.masks) if keep.all() else (self.maps[keep], self.masks[keep])
-        return compute_metrics(self.scores, self.labels, maps, masks)
+        return compute_metrics(self.scores[sel], self.labels[sel], maps, masks)
+
+    def halves(self, samples: list[Sample]) -> dict[str, dict[str, Any]]:
+        """Magnetic Tile's dev and final halves of the test set (kdad's shipped split): every
+        metric, and image AUROC of the good images against each defect class alone."""
+        dev = mtd_dev_names()
+        in_dev = np.array([mtd_key(s.path) in dev for s in samples])
+        defect = np.array([s.defect for s in samples])
+        out = {}
+        for half, sel in (("dev", in_dev), ("final", ~in_dev)):
+            per_class = {}
+            for c in sorted(set(defect[sel & (self.labels == 1)])):
+                rows = sel & ((defect == c) | (self.labels == 0))
+                per_class[c] = image_auroc(self.scores[rows], self.labels[rows])
+            out[half] = {
+                "images": int(sel.sum()),
+                "metrics": self.metrics(sel),
+                "image_auroc_per_class": per_class,
+            }
+        return out
 
     def save(self, path: str | Path, paths: list[str]) -> None:
         """An .npz anyone can recompute every metric from: maps, masks, labels, scores, paths."""
