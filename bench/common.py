@@ -16,12 +16,16 @@ import yaml
 
 
 def provenance() -> dict[str, Any]:
-    """Machine, UTC date, git commit (with a + when the tree has changes), exact command."""
+    """Machine, UTC date, git commit of the kdad that ran (with a + when its tree has
+    changes; the imported package's checkout, not the working directory's), exact command."""
+    import kdad
+
+    code = Path(kdad.__file__).parent
 
     def git(*args: str) -> str:
         try:
             return subprocess.run(
-                ["git", *args], capture_output=True, text=True, check=True
+                ["git", "-C", str(code), *args], capture_output=True, text=True, check=True
             ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
