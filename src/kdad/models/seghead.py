@@ -18,7 +18,6 @@ from kdad.models.base import Output, Phase
 from kdad.models.layers import ASPP, conv_bn_relu
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
-from kdad.synth.diffusion import paint_bank
 
 # Segmentation-head steps below which training warns: on battery-weld the head had learnt
 # nothing after 40 steps and found the validation defects after 60 (DeSTSeg trains it 4000).
@@ -69,7 +68,9 @@ def defect_set(
     bank = None
     if opt.defects == "ddpm":
         source = Path(opt.ddpm_samples) if opt.ddpm_samples else None
-        if source is None:
+        if source is None:  # DDPM training code, imported only when a bank is painted
+            from kdad.synth.diffusion import paint_bank
+
             steps, count, seed = opt.ddpm_steps, opt.ddpm_count, images.seed
             source = paint_bank(images.samples, folder, steps, count, seed, str(device), progress)
         bank = read_bank(source, images.samples)
