@@ -13,7 +13,7 @@ from conftest import make_folder, make_mvtec
 from kdad.cli import main
 from kdad.engine.checkpoint import load_checkpoint
 from kdad.errors import KdadError
-from kdad.grid import load_grid, summarise
+from kdad.grid import load_grid, summarise, write_tables
 from kdad.metrics import METRIC_NAMES
 
 
@@ -81,17 +81,32 @@ def test_rows_report_the_final_half_where_the_test_set_has_one(tmp_path: Path) -
     grid = load_grid(_grid(tmp_path))
     run = {"training": {"best": None, "seconds": 1.0}, "images_per_second": 2.0}
     whole = {m: 0.5 for m in METRIC_NAMES}
-    halves = {
-        h: {"metrics": {m: v for m in METRIC_NAMES}} for h, v in (("dev", 0.1), ("final", 0.9))
-    }
-    results = {0: {**run, "metrics": whole, "halves": halves}, 1: {**run, "metrics": whole}}
-    results[2] = {**run, "metrics": whole, "halves": halves}
-    results[3] = results[2]
+
+    def halves(crack: float) -> dict:
+        per_class = {"dev": {"Crack": 0.2}, "final": {"Crack": crack, "Fray": 0.7}}
+        return {
+            h: {"metrics": {m: v for m in METRIC_NAMES}, "image_auroc_per_class": per_class[h]}
+            for h, v in (("dev", 0.1), ("final", 0.9))
+        }
+
+    results = {0: {**run, "metrics": whole, "halves": halves(0.8)}, 1: {**run, "metrics": whole}}
+    results[2] = {**run, "metrics": whole, "halves": halves(0.8)}
+    results[3] = {**run, "metrics": whole, "halves": halves(0.6)}
     table = summarise(grid, results)
     assert [(r["data"], r["test"], r["image_auroc"][0]) for r in table] == [
         ("A", "all", 0.5),  # one seed without halves: the whole test set for the row
         ("B", "final half", 0.9),
     ]
+    assert table[0]["per_class"] == {}
+    assert table[1]["per_class"]["Crack"] == pytest.approx((0.7, 0.1))  # final half, 2 seeds
+    md, csv_path = write_tables(table, tmp_path / "tables")
+    head, _, row_a, row_b = md.read_text().splitlines()
+    assert "image_auroc:Crack" in head and "image_auroc:Fray" in head
+    assert "70.0 ± 10.0" in row_b and "n/a" in row_a
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[1]["image_auroc:Fray_mean"]) == pytest.approx(0.7)
+    assert rows[0]["image_auroc:Crack_mean"] == ""
 
 
 def test_bad_grid_files(tmp_path: Path) -> None:

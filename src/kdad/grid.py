@@ -158,7 +158,8 @@ def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
 def summarise(grid: Grid, results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, dataset): mean and std over seeds of every metric and cost. Metrics
     are those of the final half of the test set where it has one (Magnetic Tile: settings are
-    chosen on the dev half), else of the whole."""
+    chosen on the dev half), else of the whole; there, too, the image AUROC of each defect class
+    alone against the good images (``per_class``)."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for i, job in enumerate(grid.jobs):
         if i in results:
@@ -171,6 +172,9 @@ def summarise(grid: Grid, results: dict[int, dict[str, Any]]) -> list[dict[str, 
         row["test"] = "final half" if final else "all"
         for m in METRIC_NAMES:
             row[m] = _mean_std([x[m] for x in metrics])
+        classes = [r["halves"]["final"]["image_auroc_per_class"] for r in runs] if final else []
+        names = sorted({c for pc in classes for c in pc})
+        row["per_class"] = {c: _mean_std([pc.get(c) for pc in classes]) for c in names}
         row["val"] = _mean_std([(r["training"]["best"] or {}).get("value") for r in runs])
         row["train_s"] = _mean_std([r["training"]["seconds"] for r in runs])
         row["img_per_s"] = _mean_std([r["images_per_second"] for r in runs])
@@ -184,10 +188,18 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) 
     return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
 
 
+def _csv(ms: tuple[float, float] | None, k: int) -> str:
+    return "" if ms is None else f"{ms[k]:.6g}"
+
+
 def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """results.md (metrics in %, mean ± std over seeds) and results.csv (raw fractions)."""
+    """results.md (metrics in %, mean ± std over seeds) and results.csv (raw fractions). Rows
+    with per-class image AUROC add one column per class: ``image_auroc:<class>``."""
     out.mkdir(parents=True, exist_ok=True)
-    head = ["model", "data", "seeds", "test", *METRIC_NAMES, "val (select)", "train s", "img/s"]
+    classes = sorted({c for r in table for c in r.get("per_class", {})})
+    per_class = [f"image_auroc:{c}" for c in classes]
+    head = ["model", "data", "seeds", "test", *METRIC_NAMES, *per_class]
+    head += ["val (select)", "train s", "img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [
@@ -196,6 +208,7 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
             str(r["seeds"]),
             r["test"],
             *(_fmt(r[m]) for m in METRIC_NAMES),
+            *(_fmt(r.get("per_class", {}).get(c)) for c in classes),
             _fmt(r["val"]),
             _fmt(r["train_s"], 1, 0),
             _fmt(r["img_per_s"], 1, 1),
@@ -205,10 +218,15 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     atomic_write(md, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     path = out / "results.csv"
 
+    def value(r: dict[str, Any], col: str) -> tuple[float, float] | None:
+        if col.startswith("image_auroc:"):
+            return r.get("per_class", {}).get(col.split(":", 1)[1])
+        return r[col]
+
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            cols = [*METRIC_NAMES, "val", "train_s", "img_per_s"]
+            cols = [*METRIC_NAMES, *per_class, "val", "train_s", "img_per_s"]
             w.writerow(
                 ["model", "data", "seeds", "test"]
                 + [f"{c}_{s}" for c in cols for s in ("mean", "std")]
@@ -220,7 +238,7 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
                         r["data"],
                         r["seeds"],
                         r["test"],
-                        *[("" if r[c] is None else f"{r[c][k]:.6g}") for c in cols for k in (0, 1)],
+                        *[_csv(value(r, c), k) for c in cols for k in (0, 1)],
                     ]
                 )
 
