@@ -75,9 +75,9 @@ def test_bad_defect_options_are_refused() -> None:
 
 def test_too_few_head_steps_warn() -> None:
     model = build_model("dest_ddpm", "resnet18", pretrained=False)
-    # 10 of 20 epochs of 10 steps: 100 head steps
-    assert phase_warnings("dest_ddpm", model.phases(20), 20, 10) == []
-    (warning,) = phase_warnings("dest_ddpm", model.phases(19), 19, 10)
+    # the student's fifth of 12 epochs is 2 (rounded): 10 head epochs of 10 steps, 100 steps
+    assert phase_warnings("dest_ddpm", model.phases(12), 12, 10) == []
+    (warning,) = phase_warnings("dest_ddpm", model.phases(11), 11, 10)
     assert "gets 90 optimiser steps" in warning
     rd = build_model("rd", "resnet18", pretrained=False)
     assert phase_warnings("rd", rd.phases(1), 1, 1) == []
@@ -90,12 +90,33 @@ def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -
 
     data = make_mvtec(tmp_path / "data", n_train=10)
     run = tmp_path / "run"
-    with pytest.warns(KdadWarning, match="head gets 4 optimiser steps"):
+    with pytest.warns(KdadWarning, match="head gets 6 optimiser steps"):  # 3 epochs of 2
         kdad.train(
             data=data, model="dest_ddpm", options={"defects": "perlin"}, epochs=4, batch_size=4,
             image_size=32, val_every=1,
             out=run, progress=False,
         )  # fmt: skip
     history = load_checkpoint(run / "checkpoint.pt")["history"]
-    assert [h["epoch"] for h in history if "val" in h] == [3, 4]
-    assert load_checkpoint(run / "best.pt")["best"]["epoch"] in (3, 4)
+    assert [h["epoch"] for h in history if "val" in h] == [2, 3, 4]
+    assert load_checkpoint(run / "best.pt")["best"]["epoch"] in (2, 3, 4)
+
+
+def test_head_loss_binarises_the_resized_masks_as_destseg() -> None:
+    """The masks, resized to the logits, are binarised at 0.5 before both losses: a head sure
+    of "good" has no L1 loss on a mask of 0.4 everywhere, and the whole of it on one of 0.6."""
+    from kdad.models.seghead import head_loss
+
+    logits = torch.full((1, 1, 2, 2), -30.0)  # sure that every cell is good
+    assert head_loss(logits, torch.full((1, 8, 8), 0.4))["l1"].item() == pytest.approx(0, abs=1e-9)
+    assert head_loss(logits, torch.full((1, 8, 8), 0.6))["l1"].item() == pytest.approx(1, abs=1e-6)
+
+
+def test_student_decoder_climbs_by_bilinear_upsampling_as_destseg() -> None:
+    """No transposed convolution; the student's features match the teacher's shapes, also for
+    a non-square input whose sides halve unevenly."""
+    model = build_model("dest_ddpm", "resnet18", pretrained=False)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    x = torch.randn(2, 3, 72, 100)
+    with torch.no_grad():
+        t, s = model.teacher(x), model.student(x)
+    assert [f.shape for f in s] == [f.shape for f in t]

@@ -119,6 +119,25 @@ def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "ok.pt")["format"] == "kdad-checkpoint"
 
 
+def test_weights_of_another_architecture_are_a_clear_error(mvtec: Path, tmp_path: Path) -> None:
+    """A checkpoint whose model kdad now builds differently: one line naming the file, whether
+    it is loaded to predict or to resume, and the file is left as it was."""
+    from kdad.detector import Detector
+
+    ckpt = fit(_cfg(mvtec, tmp_path / "r", 1), progress=False)
+    state = load_checkpoint(ckpt)
+    key = next(k for k, v in state["model"].items() if k.startswith("decoder") and v.ndim == 4)
+    state["model"][key] = torch.zeros(3, 3, 1, 1)
+    run = tmp_path / "r" / "checkpoint.pt"
+    save_checkpoint(run, {k: v for k, v in state.items() if k not in ("format", "version")})
+    before = run.read_bytes()
+    with pytest.raises(KdadError, match=rf"checkpoint\.pt: its weights do not fit .*{key}"):
+        Detector.load(run)
+    with pytest.raises(KdadError, match=r"checkpoint\.pt: its weights do not fit this kdad's RD"):
+        fit(_cfg(mvtec, tmp_path / "r", 2), resume=True, progress=False)
+    assert run.read_bytes() == before
+
+
 def test_best_epoch_is_chosen_on_validation_only(mvtec: Path, tmp_path: Path) -> None:
     cfg = _cfg(mvtec, tmp_path / "r", 3)
     chosen = fit(cfg, progress=False)

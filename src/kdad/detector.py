@@ -17,7 +17,7 @@ from kdad.data.dataset import ImageDataset, preprocess
 from kdad.data.io import read_image
 from kdad.data.layouts import Sample, collect_images, find_samples
 from kdad.engine.calibrate import calibrate, f1_threshold, normalise
-from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from kdad.engine.distributed import barrier, ensure_group, resolve_device
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.infer import fit_normal
@@ -73,7 +73,7 @@ class Detector:
         ckpt = load_checkpoint(checkpoint)
         cfg = RunConfig.from_dict(ckpt["config"], ckpt["path"])
         model = model_from_config(cfg.model, pretrained=False)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt)
         return cls(model.to(resolve_device(device)), cfg, ckpt)
 
     def dataset(self, samples: list[Sample]) -> ImageDataset:

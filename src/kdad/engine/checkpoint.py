@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdad.errors import KdadError
 from kdad.files import atomic_write
@@ -47,3 +48,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise KdadError(f"{path}: checkpoint version {ckpt['version']} is newer than this kdad")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def load_weights(model: nn.Module, ckpt: dict[str, Any]) -> None:
+    """Load a checkpoint's state dict into ``model``. Weights of another architecture (a
+    checkpoint from a kdad whose model was built differently) are a one-line error naming the
+    file and the first mismatch."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        name = type(model).__name__
+        raise KdadError(
+            f"{ckpt.get('path', 'checkpoint')}: its weights do not fit this kdad's {name} "
+            f"({detail}); it was saved by a kdad that built {name} differently: retrain it"
+        ) from e

@@ -29,7 +29,7 @@ from kdad.config import RunConfig, save_config
 from kdad.data.dataset import TrainSet, input_hw, squash_advice
 from kdad.data.layouts import training_samples
 from kdad.engine.calibrate import calibrate
-from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from kdad.engine.distributed import (
     Rank,
     barrier,
@@ -250,7 +250,7 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
     )
     ds, val = datasets(cfg, model, progress and r.main)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_weights(model, state)
     check_input_size(model, ds.size, device)
     net: nn.Module = model
     if r.world > 1:

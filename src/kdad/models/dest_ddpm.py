@@ -5,16 +5,18 @@ architecture"), built as DeSTSeg (Zhang et al., CVPR 2023), whose official code 
 the abstract is silent; docs/models.md lists where it does not.
 
 - Asymmetric teacher-student: the frozen pretrained teacher (RD's) sees the clean image; the
-  student, an encoder-decoder (the teacher's architecture randomly initialised up to its deepest
-  stage, one more stride-2 residual stage, and a decoder of transposed residual stages back to
-  every teacher scale), sees the image with a synthetic defect and must produce the teacher's
-  features of the clean one: it learns to denoise, so it keeps reproducing normal features where
-  a real defect is and the two streams disagree there. Loss: per-pixel 1 - cos, summed over scales.
-- Segmentation head: on the per-scale products of the L2-normalised teacher and student features
-  (upsampled to the shallowest scale and concatenated), conv-BN-ReLU, ASPP and a 1x1 conv give
-  defect logits, trained on the synthetic masks with focal (gamma 4) plus L1 loss.
-- Two phases, as DeSTSeg: the first ``student_share`` of the epochs trains the student, the
-  rest the head alone with the student frozen (its BatchNorm statistics too).
+  student, an encoder-decoder as DeSTSeg's (the teacher's architecture randomly initialised up
+  to its deepest stage, one more stride-2 residual stage, then two basic residual blocks at that
+  scale and at each teacher scale, climbing by bilinear upsampling), sees the image with a
+  synthetic defect and must produce the teacher's features of the clean one: it learns to
+  denoise, so it keeps reproducing normal features where a real defect is and the two streams
+  disagree there. Loss: per-pixel 1 - cos, summed over scales.
+- Segmentation head, DeSTSeg's (``models/seghead.py``): on the negated per-scale products of the
+  L2-normalised teacher and student features, two residual blocks, ASPP, conv-BN-ReLU and a 1x1
+  conv give defect logits, trained on the binarised synthetic masks with focal (gamma 4) plus
+  L1 loss. Its width is 64 where DeSTSeg's is 256, for the CPU's sake (docs/models.md).
+- Two phases, as DeSTSeg: the first ``student_share`` (a fifth) of the epochs trains the
+  student, the rest the head alone with the student frozen (its BatchNorm statistics too).
 - Map: the head's probability, bilinearly upsampled; score: the mean of its top ``top_share``
   pixels (DeSTSeg's 100 highest of 256 x 256).
 """
@@ -25,13 +27,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.backbones import build_backbone
 from kdad.backbones.resnet import make_stage
 from kdad.data.dataset import TrainSet
 from kdad.models.base import KDModel, Output, Phase
-from kdad.models.distill import decode
 from kdad.models.layers import kaiming_init, pixel_cosine_loss
 from kdad.models.seghead import (
     HeadOptions,
@@ -69,10 +71,10 @@ class DeSTDDPM(KDModel):
         ch = self.teacher.channels
         net = build_backbone(self.teacher.backbone, pretrained=False)
         self.encoder = nn.ModuleList(net.split(self.teacher.stages))
-        self.bottleneck = make_stage("basic", ch[-1], ch[-1], 2, 2)
+        self.bottleneck = make_stage("basic", ch[-1], ch[-1], 2, 2)  # DeSTSeg: ResNet18's layer4
+        outs = [ch[-1], *ch[::-1]]  # the bottleneck's scale, then the teacher's, deepest first
         self.decoder = nn.ModuleList(
-            make_stage("basic", cin, cout, 2, 2, transposed=True)
-            for cin, cout in zip([ch[-1], *ch[::-1][:-1]], ch[::-1])
+            make_stage("basic", cin, cout, 2, 1) for cin, cout in zip([ch[-1], *outs[:-1]], outs)
         )
         self.head = SegHead(ch, self.opt.head_width)
         kaiming_init(self.bottleneck, self.decoder, self.head)
@@ -91,10 +93,19 @@ class DeSTDDPM(KDModel):
         return self
 
     def student(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) -> features at the teacher's scales, shallowest first."""
+        """(B, 3, H, W) -> features at the teacher's scales, shallowest first: the encoder down
+        to one stage past the teacher's deepest, then basic blocks at each scale, climbing by
+        bilinear upsampling."""
+        sizes = []
         for piece in self.encoder:
             x = piece(x)
-        return decode(self.decoder, self.bottleneck(x))
+            sizes.append(x.shape[-2:])  # scale i: (h_i, w_i)
+        x = self.decoder[0](self.bottleneck(x))
+        out = []
+        for stage, size in zip(self.decoder[1:], sizes[::-1]):
+            x = stage(F.interpolate(x, size=size, mode="bilinear"))  # (B, C_i, h_i, w_i)
+            out.append(x)
+        return out[::-1]
 
     def forward(self, x: Tensor) -> Denoised | Output:
         """(B, 3, H, W) -> train: Denoised; eval: Output."""

@@ -185,26 +185,24 @@ def pixel_cosine_loss(t: Tensor, s: Tensor) -> Tensor:
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (DeepLabv3): a 1x1 conv, three dilated 3x3 convs and
-    image pooling side by side, concatenated and projected by a 1x1 conv; each conv-BN-ReLU."""
+    """Atrous spatial pyramid pooling as DeSTSeg's: dilated 3x3 convs and image pooling side by
+    side, concatenated and fused by a 3x3 conv; each conv-BN-ReLU, but the pooling branch's
+    1x1 conv has a bias instead of BatchNorm, which a batch of one image cannot normalise."""
 
     def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (6, 12, 18)) -> None:
         super().__init__()
 
-        def branch(k: int, d: int) -> nn.Sequential:
+        def branch(d: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, k, padding=d if k == 3 else 0, dilation=d, bias=False),
+                nn.Conv2d(cin, cout, 3, padding=d, dilation=d, bias=False),
                 nn.BatchNorm2d(cout),
                 nn.ReLU(inplace=True),
             )
 
-        self.branches = nn.ModuleList([branch(1, 1), *(branch(3, r) for r in rates)])
+        self.branches = nn.ModuleList(branch(r) for r in rates)
         self.pool = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
-        n = len(self.branches) + 1
-        self.project = nn.Sequential(
-            nn.Conv2d(n * cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-        )
+        self.project = conv_bn_relu((len(rates) + 1) * cout, cout)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = self.pool(x.mean((2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
-        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
+        return self.project(torch.cat([pooled, *(b(x) for b in self.branches)], 1))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.backbones.resnet import make_stage
 from kdad.data.dataset import TrainSet
 from kdad.errors import KdadError
 from kdad.models.base import Output, Phase
@@ -33,9 +34,9 @@ class HeadOptions:
     ddpm_steps: int = 4000  # DDPM training steps when painting a bank
     ddpm_count: int = 200  # defects painted into the bank
     defect_prob: float = 0.5  # share of training images given a defect
-    student_share: float = 0.5  # share of epochs training the student; then the head
+    student_share: float = 0.2  # share of epochs training the student (DeSTSeg's); then the head
     top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
-    head_width: int = 128
+    head_width: int = 64  # DeSTSeg's is 256, 12x the cost of a step on a CPU (docs/models.md)
 
 
 def check_defects(opt: HeadOptions) -> None:
@@ -84,19 +85,25 @@ class Logits(NamedTuple):
 
 
 class SegHead(nn.Sequential):
-    """Per-scale products of the L2-normalised teacher and student features, upsampled to the
-    shallowest scale and concatenated -> conv-BN-ReLU, ASPP, 1x1 conv -> defect logits."""
+    """DeSTSeg's segmentation network: the per-scale products of the L2-normalised teacher and
+    student features, negated, upsampled to the shallowest scale and concatenated -> two basic
+    residual blocks to ``width`` channels, ASPP, conv-BN-ReLU, 1x1 conv -> defect logits."""
 
     def __init__(self, channels: list[int], width: int) -> None:
         super().__init__(
-            conv_bn_relu(sum(channels), width), ASPP(width, width), nn.Conv2d(width, 1, 1)
+            make_stage("basic", sum(channels), width, 2, 1),
+            ASPP(width, width),
+            conv_bn_relu(width, width),
+            nn.Conv2d(width, 1, 1),
         )
 
     def segment(self, t: list[Tensor], s: list[Tensor]) -> Tensor:
         """Teacher and student features -> defect logits (B, 1, h, w) at the shallowest scale."""
         size = t[0].shape[-2:]
         prods = [
-            F.interpolate(F.normalize(a, dim=1) * F.normalize(b, dim=1), size=size, mode="bilinear")
+            F.interpolate(
+                -F.normalize(a, dim=1) * F.normalize(b, dim=1), size=size, mode="bilinear"
+            )
             for a, b in zip(t, s)
         ]
         return self(torch.cat(prods, 1))
@@ -111,11 +118,12 @@ def head_output(logits: Tensor, size: tuple[int, int], top_share: float) -> Outp
 
 
 def head_loss(logits: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Focal (gamma 4) plus L1 loss of logits (B, 1, h, w) on synthetic masks (B, H, W),
-    area-downsampled to the logits."""
-    target = F.interpolate(mask[:, None].float(), size=logits.shape[-2:], mode="area")
+    """DeSTSeg's loss: focal (gamma 4) plus L1 of the head's probability, against the synthetic
+    masks (B, H, W) resized bilinearly to the logits (B, 1, h, w) and binarised at 0.5."""
+    target = F.interpolate(mask[:, None].float(), size=logits.shape[-2:], mode="bilinear")
+    target = (target >= 0.5).float()
     p = torch.sigmoid(logits)
-    pt = torch.where(target > 0.5, p, 1 - p)
-    bce = F.binary_cross_entropy_with_logits(logits, (target > 0.5).float(), reduction="none")
+    pt = torch.where(target > 0, p, 1 - p)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     parts = {"focal": ((1 - pt) ** 4 * bce).mean(), "l1": (p - target).abs().mean()}
     return {"loss": parts["focal"] + parts["l1"], **parts}

@@ -68,6 +68,7 @@ class STUSeg(Distiller):
         skips: bool = True  # skip connections from the encoder (off: a plain encoder-decoder)
         sfm: bool = True  # Selective Fusion Module at each merge (off: concatenation)
         seg_head: bool = False  # DeSTSeg's head on synthetic defects gives the map (HeadOptions)
+        student_share: float = 0.5  # with seg_head: STU-Seg's student is the method, not a fifth
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
