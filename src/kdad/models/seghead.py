@@ -36,7 +36,7 @@ class HeadOptions:
     defect_prob: float = 0.5  # share of training images given a defect
     student_share: float = 0.2  # share of epochs training the student (DeSTSeg's); then the head
     top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
-    head_width: int = 64  # DeSTSeg's is 256, 12x the cost of a step on a CPU (docs/models.md)
+    head_width: int = 64  # DeSTSeg's 256 costs 10-13x as much a step on a CPU (docs/models.md)
 
 
 def check_defects(opt: HeadOptions) -> None:
