@@ -34,8 +34,12 @@ def _grid(tmp_path: Path) -> Path:
 
 def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
     grid = _grid(tmp_path)
-    assert main(["bench", str(grid), "--no-progress", "--models", "rd-lite0"]) == 0
     out = tmp_path / "runs"
+    assert main(["bench", str(grid), "--no-progress", "--models", "rd-lite0", "--seeds", "1"]) == 0
+    assert sorted(p.parent.name for p in out.rglob("metrics.json")) == ["seed1", "seed1"]
+    with open(out / "results.csv", newline="") as f:  # one seed of each dataset so far
+        assert [(r["data"], r["seeds"]) for r in csv.DictReader(f)] == [("A", "1"), ("B", "1")]
+    assert main(["bench", str(grid), "--no-progress", "--models", "rd-lite0"]) == 0
     assert not (out / "iig").exists()  # only the rows asked for ran
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -75,6 +79,8 @@ def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["bench", str(grid), "--models", "nope"]) == 2
     assert "no model 'nope' in the grid" in capsys.readouterr().err
+    assert main(["bench", str(grid), "--seeds", "7"]) == 2
+    assert "no seed 7 in the grid; seeds: 0, 1" in capsys.readouterr().err
 
 
 def test_rows_report_the_final_half_where_the_test_set_has_one(tmp_path: Path) -> None:

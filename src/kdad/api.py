@@ -277,12 +277,14 @@ def bench(
     progress: bool = True,
     models: list[str] | None = None,
     jobs: int = 1,
+    seeds: list[int] | None = None,
 ) -> tuple[Path, Path]:
-    """Run the unfinished jobs of a grid YAML (only ``models``, by name, when given), ``jobs``
-    at a time, and tabulate every finished run; returns the Markdown and CSV tables."""
+    """Run the unfinished jobs of a grid YAML (only ``models``, by name, and ``seeds``, when
+    given), ``jobs`` at a time, and tabulate every finished run; returns the Markdown and CSV
+    tables."""
     from kdad.grid import run_grid
 
-    return run_grid(grid, progress, models, jobs)
+    return run_grid(grid, progress, models, jobs, seeds)
 
 
 __all__ = [

@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")
     b.add_argument("grid", help="grid YAML (see kdad.grid)")
     b.add_argument("--models", nargs="+", help="run only these models of the grid (by name)")
+    b.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="run only these seeds of the grid (one seed of every row first)",
+    )
     _jobs_arg(b, "runs")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -347,7 +353,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from kdad import api
 
-    md, csv_path = api.bench(args.grid, not args.no_progress, args.models, args.jobs)
+    md, csv_path = api.bench(args.grid, not args.no_progress, args.models, args.jobs, args.seeds)
     print(md.read_text())
     print(f"tables: {md}, {csv_path}")
 

@@ -255,22 +255,27 @@ def run_grid(
     progress: bool = True,
     models: list[str] | None = None,
     jobs: int = 1,
+    seeds: list[int] | None = None,
 ) -> tuple[Path, Path]:
-    """Run every job of the grid not yet finished (only those of ``models``, by name, when
-    given), ``jobs`` at a time in separate processes, then tabulate every finished run of the
-    grid, whichever call ran it. A run that fails (bad data, say) does not stop the others: the
-    tables are written, then the failures are raised together."""
+    """Run every job of the grid not yet finished (only those of ``models``, by name, and of
+    ``seeds``, when given), ``jobs`` at a time in separate processes, then tabulate every
+    finished run of the grid, whichever call ran it. A run that fails (bad data, say) does not
+    stop the others: the tables are written, then the failures are raised together."""
     grid = load_grid(path)
     names = [m["name"] for m in grid.models]
     unknown = sorted(set(models or []) - set(names))
     if unknown:
         raise KdadError(f"{path}: no model {unknown[0]!r} in the grid; models: {', '.join(names)}")
+    absent = sorted(set(seeds or []) - set(grid.seeds))
+    if absent:
+        listed = ", ".join(map(str, grid.seeds))
+        raise KdadError(f"{path}: no seed {absent[0]} in the grid; seeds: {listed}")
     results, todo = {}, []
     for i, job in enumerate(grid.jobs):
         done = job.out / "metrics.json"
         if done.is_file():
             results[i] = json.loads(done.read_text())
-        elif not models or job.model["name"] in models:
+        elif (not models or job.model["name"] in models) and (not seeds or job.seed in seeds):
             todo.append(i)
 
     def describe(args: tuple[Job, dict[str, Any], bool]) -> str:
