@@ -188,6 +188,13 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) 
     return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
 
 
+def _value(row: dict[str, Any], col: str) -> tuple[float, float] | None:
+    """A table row's (mean, std) in column ``col``; ``image_auroc:<class>`` reads per_class."""
+    if col.startswith("image_auroc:"):
+        return row.get("per_class", {}).get(col.split(":", 1)[1])
+    return row[col]
+
+
 def _csv(ms: tuple[float, float] | None, k: int) -> str:
     return "" if ms is None else f"{ms[k]:.6g}"
 
@@ -208,7 +215,7 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
             str(r["seeds"]),
             r["test"],
             *(_fmt(r[m]) for m in METRIC_NAMES),
-            *(_fmt(r.get("per_class", {}).get(c)) for c in classes),
+            *(_fmt(_value(r, c)) for c in per_class),
             _fmt(r["val"]),
             _fmt(r["train_s"], 1, 0),
             _fmt(r["img_per_s"], 1, 1),
@@ -217,11 +224,6 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
     md = out / "results.md"
     atomic_write(md, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     path = out / "results.csv"
-
-    def value(r: dict[str, Any], col: str) -> tuple[float, float] | None:
-        if col.startswith("image_auroc:"):
-            return r.get("per_class", {}).get(col.split(":", 1)[1])
-        return r[col]
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -238,7 +240,7 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
                         r["data"],
                         r["seeds"],
                         r["test"],
-                        *[_csv(value(r, c), k) for c in cols for k in (0, 1)],
+                        *[_csv(_value(r, c), k) for c in cols for k in (0, 1)],
                     ]
                 )
 

@@ -40,10 +40,12 @@ class GaussianBlur(nn.Module):
         return x.squeeze(1)
 
 
-def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    """3x3 conv, BatchNorm, ReLU."""
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    """3x3 conv (same padding at any dilation), BatchNorm, ReLU."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -191,15 +193,7 @@ class ASPP(nn.Module):
 
     def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (6, 12, 18)) -> None:
         super().__init__()
-
-        def branch(d: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=d, dilation=d, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            )
-
-        self.branches = nn.ModuleList(branch(r) for r in rates)
+        self.branches = nn.ModuleList(conv_bn_relu(cin, cout, dilation=r) for r in rates)
         self.pool = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
         self.project = conv_bn_relu((len(rates) + 1) * cout, cout)
 
