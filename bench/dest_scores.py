@@ -1,0 +1,95 @@
+"""Which of DeST-DDPM's outputs scores Magnetic Tile images best: one trained checkpoint, dev
+half, image score from the segmentation head (the mean of its top pixels, the model's rule, or
+its maximum) or from the denoising student's disagreement with the teacher (1 - cos per scale,
+each scale divided by its mean on the held-out good training images, summed, smoothed, maximum:
+RD's map and score). Pixel metrics for both maps too.
+
+    python bench/dest_scores.py runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
+        --out bench/results/mtd_levers/dest_scores_s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import class_image_auroc, write_result
+
+from kdad.data.layouts import find_samples, mtd_dev_names, mtd_key, training_samples
+from kdad.detector import Detector
+from kdad.metrics import compute_metrics
+from kdad.models.layers import GaussianBlur
+
+
+@torch.no_grad()
+def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarray]:
+    """head: (N, H, W) head maps; head_score: (N,) model scores; cos: per scale (N, H, W) maps;
+    masks: (N, H, W)."""
+    model = det.model.eval()
+    ds = det.dataset(samples)
+    head, score, cos, masks = [], [], [], []
+    for i in range(0, len(ds), batch):
+        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
+        x = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
+        masks.append(torch.stack([it["mask"] for it in items]))
+        out = model(x)
+        head.append(out.anomaly_map)
+        score.append(out.score)
+        t, s = model.teacher(x), model.student(x)
+        cos.append(
+            [
+                F.interpolate(
+                    1 - F.cosine_similarity(a, b)[:, None], size=x.shape[-2:], mode="bilinear"
+                )[:, 0]
+                for a, b in zip(t, s)
+            ]
+        )
+    return {
+        "head": torch.cat(head).numpy(),
+        "head_score": torch.cat(score).numpy(),
+        "cos": [torch.cat(c).numpy() for c in zip(*cos)],
+        "masks": torch.cat(masks).numpy() > 0.5,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    det = Detector.load(args.checkpoint)
+    _, held = training_samples(det.cfg.data)
+    means = [m.mean() for m in outputs(det, held)["cos"]]
+    dev = mtd_dev_names()
+    test = [s for s in find_samples(det.cfg.data.path, "test", "mtd") if mtd_key(s.path) in dev]
+    o = outputs(det, test)
+    labels = np.array([s.label for s in test])
+    defect = np.array([s.defect for s in test])
+    cos = sum(m / mu for m, mu in zip(o["cos"], means))  # (N, H, W)
+    cos = GaussianBlur(4.0)(torch.from_numpy(np.ascontiguousarray(cos))).numpy()
+    rows = {
+        "head, top mean": (o["head_score"], o["head"]),
+        "head, max": (o["head"].reshape(len(test), -1).max(1), o["head"]),
+        "student, max": (cos.reshape(len(test), -1).max(1), cos),
+    }
+    result = {}
+    for name, (scores, amap) in rows.items():
+        m = compute_metrics(scores, labels, amap, o["masks"])
+        per = class_image_auroc(scores, labels, defect)
+        result[name] = {"metrics": m, "per_class": per}
+        cells = [
+            f"{k} {100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
+        ]
+        print(f"{name:15s} " + " ".join(cells + [f"{c} {100 * v:.0f}" for c, v in per.items()]))
+    settings = {"checkpoint": str(args.checkpoint), "half": "dev", "held_out_good": len(held)}
+    write_result(args.out, {"benchmark": "dest_scores", "settings": settings, "rows": result})
+
+
+if __name__ == "__main__":
+    main()
