@@ -22,7 +22,7 @@ from kdad.models import model_from_config
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
 from kdad.synth.ddpm import DDPM, DDPMOptions
-from kdad.synth.diffusion import paint_changed
+from kdad.synth.diffusion import DiffusionConfig, load_ddpm, paint_changed, train_ddpm
 
 
 def kdad(*args: str) -> subprocess.CompletedProcess:
@@ -104,6 +104,39 @@ def test_synth_train_and_sample_write_an_mvtec_folder(tmp_path: Path) -> None:
     page = (out / "gallery.html").read_text()
     assert page.count("<img") == 15 and "data:image/png;base64," in page
     assert kdad("synth", "sample", "--model", str(run), "--out", str(out)).returncode == 2
+
+
+def test_interrupted_ddpm_training_resumes_to_the_unbroken_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=8)
+
+    def cfg(out: str, **kw: int) -> DiffusionConfig:
+        ddpm = DDPMOptions(image_size=32, width=8, levels=2)
+        kw = {"steps": 6, "batch_size": 4, "save_every": 2} | kw
+        return DiffusionConfig(data=DataConfig(path=str(data)), ddpm=ddpm, out=out, **kw)
+
+    unbroken, _ = load_ddpm(train_ddpm(cfg(str(tmp_path / "a")), progress=False))
+    loss, calls = DDPM.loss, []
+
+    def interrupted(self: DDPM, x0: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 5:  # Ctrl-C during step 5: steps 1-4 were saved at step 4
+            raise KeyboardInterrupt
+        return loss(self, x0)
+
+    monkeypatch.setattr(DDPM, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm(cfg(str(tmp_path / "b")), progress=False)
+    monkeypatch.setattr(DDPM, "loss", loss)
+    partial = tmp_path / "b" / "ddpm.partial.pt"
+    assert partial.is_file() and not (tmp_path / "b" / "ddpm.pt").exists()
+    with pytest.raises(KdadError, match=r"partial\.pt: an interrupted DDPM training"):
+        train_ddpm(cfg(str(tmp_path / "b"), steps=8), progress=False)
+    resumed, _ = load_ddpm(train_ddpm(cfg(str(tmp_path / "b")), progress=False))
+    assert not partial.exists()
+    a, b = unbroken.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_training_set_defects_are_seeded_and_bank_keeps_out_held_images(tmp_path: Path) -> None:

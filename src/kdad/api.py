@@ -221,20 +221,21 @@ def synth_train(
     progress: bool = True,
 ) -> Path:
     """Train a DDPM of a dataset's good training images (square ``image_size``, gray or colour
-    as the images are) to paint synthetic defects; returns ``out``/ddpm.pt."""
+    as the images are) to paint synthetic defects; returns ``out``/ddpm.pt. An interrupted
+    training in ``out`` with the same settings resumes from its last save."""
     from kdad.config import DataConfig
     from kdad.synth.ddpm import DDPMOptions
     from kdad.synth.diffusion import DiffusionConfig, train_ddpm
 
     cfg = DiffusionConfig(
-        DataConfig(path=str(data), layout=layout or "auto", category=category),
-        DDPMOptions(image_size=image_size, width=width, channels=0),
-        steps,
-        batch_size,
-        lr,
-        seed,
-        device,
-        str(out),
+        data=DataConfig(path=str(data), layout=layout or "auto", category=category),
+        ddpm=DDPMOptions(image_size=image_size, width=width, channels=0),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        out=str(out),
     )
     return train_ddpm(cfg, progress=progress)
 

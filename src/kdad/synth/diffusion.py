@@ -38,6 +38,7 @@ class DiffusionConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ddpm: DDPMOptions = field(default_factory=DDPMOptions)
     steps: int = 4000  # optimiser steps (about 20 min on 2 CPU cores at 64x64)
+    save_every: int = 250  # steps between saves of the training state, to resume from
     batch_size: int = 16
     lr: float = 2e-4
     seed: int = 0
@@ -56,17 +57,33 @@ def _is_gray(paths: list[Path]) -> bool:
     return all(np.ptp(read_image(p), axis=2).max() < 1e-6 for p in paths)
 
 
+def _resume(partial: Path, cfg: DiffusionConfig) -> dict[str, Any] | None:
+    """The interrupted training saved at ``partial`` if it has ``cfg``'s settings; an error
+    naming the file if it has others (never silently restarted or mixed)."""
+    if not partial.is_file():
+        return None
+    state = load_checkpoint(partial)
+    if state.get("config") != dataclasses.asdict(cfg):
+        raise KdadError(
+            f"{partial}: an interrupted DDPM training with other settings; remove it or choose "
+            "another --out"
+        )
+    return state
+
+
 def train_ddpm(
     cfg: DiffusionConfig, progress: bool = True, samples: list[Sample] | None = None
 ) -> Path:
     """Train the DDPM of ``cfg`` into ``cfg.out``/ddpm.pt on ``samples``, by default the good
-    training images of ``cfg.data``; never overwrites a finished one."""
+    training images of ``cfg.data``; never overwrites a finished one. Every ``save_every``
+    steps the training state goes to ddpm.partial.pt, from which an interrupted training with
+    the same settings resumes (on a CPU, to the weights an unbroken one gives)."""
     out = Path(cfg.out)
-    ckpt = out / "ddpm.pt"
+    ckpt, partial = out / "ddpm.pt", out / "ddpm.partial.pt"
     if ckpt.exists():
         raise KdadError(f"{ckpt} exists: choose another --out")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise KdadError("steps and batch size must be at least 1")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.save_every < 1:
+        raise KdadError("steps, batch size and save_every must be at least 1")
     if cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     samples = samples if samples is not None else training_samples(cfg.data)[0]
@@ -80,8 +97,39 @@ def train_ddpm(
     images = torch.stack([_load(s.path, cfg.ddpm.image_size, cfg.ddpm.channels) for s in samples])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
-    losses, tic = [], time.perf_counter()
-    for _ in tqdm(range(cfg.steps), disable=not progress, unit="step", dynamic_ncols=True):
+    step, losses, spent = 0, [], 0.0
+    if (state := _resume(partial, cfg)) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["batch_rng"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        step, losses, spent = state["step"], state["losses"], state["seconds"]
+        if progress:
+            say = f"kdad: resuming the DDPM training in {partial} at step {step}"
+            tqdm.write(say, file=sys.stderr)
+    tic = time.perf_counter()
+
+    def save(path: Path, final: bool) -> None:
+        state = {
+            "config": dataclasses.asdict(cfg),
+            "model": model.state_dict(),
+            "images": len(images),
+            "seconds": spent + time.perf_counter() - tic,
+        }
+        if final:
+            state["loss_last_100"] = float(np.mean(losses[-100:]))
+        else:
+            state |= {"optimizer": opt.state_dict(), "step": step, "losses": losses}
+            state |= {"batch_rng": g.get_state(), "rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(path, state)
+
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    while step < cfg.steps:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
         x = images[idx]
         flip = torch.rand(len(x), generator=g) < 0.5
@@ -91,15 +139,13 @@ def train_ddpm(
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    out.mkdir(parents=True, exist_ok=True)
-    state = {
-        "config": dataclasses.asdict(cfg),
-        "model": model.state_dict(),
-        "images": len(images),
-        "seconds": time.perf_counter() - tic,
-        "loss_last_100": float(np.mean(losses[-100:])),
-    }
-    save_checkpoint(ckpt, state)
+        step += 1
+        bar.update()
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save(partial, final=False)
+    bar.close()
+    save(ckpt, final=True)
+    partial.unlink(missing_ok=True)
     return ckpt
 
 
