@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 
+from kdad.data.layouts import Sample, find_samples, mtd_dev_names, mtd_key
 from kdad.metrics import image_auroc
 
 
@@ -72,3 +74,18 @@ def class_image_auroc(
     """Per defect class, the image AUROC of its images against all good ones."""
     keep = {c: (defect == c) | (labels == 0) for c in sorted(set(defect[labels == 1]))}
     return {c: image_auroc(scores[sel], labels[sel]) for c, sel in keep.items()}
+
+
+def checkpoint_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench script's command line: a checkpoint to rescore and the results file."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--out", required=True)
+    return ap
+
+
+def mtd_half(data: str | Path, half: str = "dev") -> list[Sample]:
+    """The test samples of one half ("dev" or "final") of Magnetic Tile at ``data``."""
+    dev = mtd_dev_names()
+    test = find_samples(data, "test", "mtd")
+    return [s for s in test if (mtd_key(s.path) in dev) == (half == "dev")]

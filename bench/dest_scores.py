@@ -10,7 +10,6 @@ RD's map and score). Pixel metrics for both maps too.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import class_image_auroc, write_result
+from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
 
-from kdad.data.layouts import find_samples, mtd_dev_names, mtd_key, training_samples
+from kdad.data.layouts import training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
 from kdad.models.layers import GaussianBlur
@@ -59,15 +58,11 @@ def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarr
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = checkpoint_parser(__doc__).parse_args()
     det = Detector.load(args.checkpoint)
     _, held = training_samples(det.cfg.data)
     means = [m.mean() for m in outputs(det, held)["cos"]]
-    dev = mtd_dev_names()
-    test = [s for s in find_samples(det.cfg.data.path, "test", "mtd") if mtd_key(s.path) in dev]
+    test = mtd_half(det.cfg.data.path)
     o = outputs(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])

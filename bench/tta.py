@@ -8,7 +8,6 @@ tile, so averaging should lower the noise of good tiles' maps more than the defe
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import class_image_auroc, write_result
+from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
 
-from kdad.data.layouts import find_samples, mtd_dev_names, mtd_key
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
 
@@ -46,13 +44,9 @@ def flipped_maps(det: Detector, samples: list, batch: int = 16) -> tuple[dict, n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = checkpoint_parser(__doc__).parse_args()
     det = Detector.load(args.checkpoint)
-    dev = mtd_dev_names()
-    test = [s for s in find_samples(det.cfg.data.path, "test", "mtd") if mtd_key(s.path) in dev]
+    test = mtd_half(det.cfg.data.path)
     maps, masks = flipped_maps(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
