@@ -22,17 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import mtd_half, write_result
 
-from kdad.data.layouts import (
-    detect_layout,
-    find_samples,
-    mtd_dev_names,
-    mtd_key,
-    training_samples,
-)
+from kdad.data.layouts import detect_layout, find_samples, training_samples
 from kdad.detector import Detector
 from kdad.metrics import PixelCurve, compute_metrics, image_auroc
 
@@ -69,10 +64,9 @@ def scale_terms(
     ds = det.dataset(samples)
     out: dict[str, list[list[Tensor]]] = {k: [] for k in terms_kept}
     masks = []
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-        x = torch.stack([it["image"] for it in items])
-        masks.append(torch.stack([it["mask"] for it in items]))
+    for chunk in DataLoader(ds, batch_size=batch):
+        x = chunk["image"]  # (B, 3, H, W)
+        masks.append(chunk["mask"])
         t = model.teacher(x)
         s = model.student(t)
         per = [terms(a, b, tuple(x.shape[-2:])) for a, b in zip(t, s)]
@@ -95,11 +89,8 @@ def main() -> None:
     _, held = training_samples(d)
     good = scale_terms(det, held, kept)
     means = {k: [m.mean() for m in good[k]] for k in kept}
-    test = find_samples(d.path, "test", d.layout)
-    half = "all"
-    if detect_layout(Path(d.path)) == "mtd":
-        dev, half = mtd_dev_names(), "dev"
-        test = [s for s in test if mtd_key(s.path) in dev]
+    half = "dev" if detect_layout(Path(d.path)) == "mtd" else "all"
+    test = mtd_half(d.path) if half == "dev" else find_samples(d.path, "test", d.layout)
     maps = scale_terms(det, test, kept)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import class_image_auroc, mtd_half, write_result
@@ -38,11 +39,9 @@ from kdad.models.teacher import Teacher
 def patches(teacher: Teacher, ds: ImageDataset, batch: int = 16) -> tuple[Tensor, Tensor]:
     """(N, h, w, C) pooled, concatenated patch features of ``ds``; (N, H, W) masks."""
     feats, masks = [], []
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-        x = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
-        masks.append(torch.stack([it["mask"] for it in items]))
-        fs = [F.avg_pool2d(f, 3, 1, 1) for f in teacher(x)]
+    for chunk in DataLoader(ds, batch_size=batch):
+        masks.append(chunk["mask"])
+        fs = [F.avg_pool2d(f, 3, 1, 1) for f in teacher(chunk["image"])]
         hw = fs[0].shape[-2:]
         f = torch.cat([F.interpolate(f, size=hw, mode="bilinear") for f in fs], 1)  # (B, C, h, w)
         feats.append(f.permute(0, 2, 3, 1).contiguous())

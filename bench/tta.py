@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
@@ -32,10 +33,9 @@ def flipped_maps(det: Detector, samples: list, batch: int = 16) -> tuple[dict, n
     ds = det.dataset(samples)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in FLIPS}
     masks = []
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-        x = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
-        masks.append(torch.stack([it["mask"] for it in items]))
+    for chunk in DataLoader(ds, batch_size=batch):
+        x = chunk["image"]  # (B, 3, H, W)
+        masks.append(chunk["mask"])
         for name, dims in FLIPS.items():
             xf = x.flip(dims) if dims else x
             amap = model(xf).anomaly_map  # (B, H, W)
