@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
@@ -23,6 +23,7 @@ from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
 from kdad.data.layouts import training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
+from kdad.models.distill import scale_maps
 from kdad.models.layers import GaussianBlur
 
 
@@ -33,22 +34,13 @@ def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarr
     model = det.model.eval()
     ds = det.dataset(samples)
     head, score, cos, masks = [], [], [], []
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-        x = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
-        masks.append(torch.stack([it["mask"] for it in items]))
+    for chunk in DataLoader(ds, batch_size=batch):
+        x = chunk["image"]  # (B, 3, H, W)
+        masks.append(chunk["mask"])
         out = model(x)
         head.append(out.anomaly_map)
         score.append(out.score)
-        t, s = model.teacher(x), model.student(x)
-        cos.append(
-            [
-                F.interpolate(
-                    1 - F.cosine_similarity(a, b)[:, None], size=x.shape[-2:], mode="bilinear"
-                )[:, 0]
-                for a, b in zip(t, s)
-            ]
-        )
+        cos.append(scale_maps(model.teacher(x), model.student(x), tuple(x.shape[-2:])))
     return {
         "head": torch.cat(head).numpy(),
         "head_score": torch.cat(score).numpy(),
