@@ -190,6 +190,9 @@ def test_shipped_recipe_loads_by_name_and_unknown_names_say_what_exists(tmp_path
     assert "magnetic_tile" in recipe_names()
     cfg = load_config("magnetic_tile")
     assert cfg.model.name == "rd" and cfg.model.stages[0] == "stage3"
+    stu = load_config("magnetic_tile_stu")
+    assert stu.model.name == "stu_seg" and stu.model.options == {"skips": False}
+    assert (stu.train.epochs, stu.train.val_every, stu.train.patience) == (40, 40, 0)
     with pytest.raises(KdadError, match=r"no shipped recipe of that name \(recipes: .*magnetic"):
         load_config("granite")
     (tmp_path / "own.yaml").write_text("train:\n  epochs: 3\n")
