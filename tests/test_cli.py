@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import SIZE, make_folder, make_mtd, make_mvtec, save, texture
 from PIL import Image
 
@@ -115,6 +116,8 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
     }
     assert all(0 <= v <= 1 for v in metrics.values())
     assert res["protocol"]["image_size"] == 64 and res["protocol"]["split"]
+    assert res["machine"]["device"] == "cpu" and res["machine"]["torch"] == torch.__version__
+    assert res["machine"]["name"] and res["machine"]["cpu_threads"] >= 1
     assert len(res["per_image"]) == 12
     saved = np.load(maps_file)  # anyone can recompute every metric from the saved maps
     assert saved["maps"].shape == (12, 64, 64) and list(saved["paths"]) == [

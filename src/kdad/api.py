@@ -17,6 +17,7 @@ from typing import Any
 from kdad.config import RunConfig, apply_overrides, load_config
 from kdad.data.layouts import SPLITS, detect_layout, find_samples
 from kdad.detector import Detector, Prediction, recalibrate
+from kdad.engine.distributed import describe_machine
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import fit
 from kdad.errors import KdadError, KdadWarning
@@ -139,6 +140,7 @@ def evaluate(
             "aupro": "8-connected regions, all test images pooled, integrated to FPR 0.3, / 0.3",
             "iap": "8-connected instances found when half their pixels >= t; pixel precision",
         },
+        "machine": describe_machine(det.device),
         "inference_seconds": ev.seconds,
         "per_image": [
             {"path": p, "label": s.label, "defect": s.defect, "score": float(sc)}

@@ -7,6 +7,7 @@ A process not started by torchrun is rank 0 of 1 and never touches torch.distrib
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import warnings
 from dataclasses import dataclass
@@ -60,6 +61,30 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KdadError(f"device {name!r} asked for, but no CUDA GPU is available")
     return dev
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> dict[str, str | int]:
+    """Where a result was computed (the device, its name, torch, CPU threads), kept with the
+    metrics so that timings and last-bit differences can be traced to a machine."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": str(device),
+        "name": name,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
 
 
 def ensure_group(device: torch.device) -> Rank:
