@@ -36,14 +36,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="write the runs' halves and training time here")
     p.add_argument("--machine", default="", help="where the runs ran, kept in --out")
     args = p.parse_args()
+    loaded = [(f, json.loads(f.read_text())) for f in args.metrics]
     runs: dict[str, list[dict]] = defaultdict(list)
-    for f in args.metrics:
-        runs[f.parts[-4]].append(json.loads(f.read_text()))
+    for f, r in loaded:
+        runs[f.parts[-4]].append(r)
     if args.out:
         keep = [
             {"model": f.parts[-4], "seed": f.parts[-2], "halves": r["halves"], **r["training"]}
-            for f in args.metrics
-            for r in [json.loads(f.read_text())]
+            for f, r in loaded
         ]
         args.out.write_text(json.dumps({"machine": args.machine, "runs": keep}, indent=1))
     head = ["model", "seeds", "image AUROC", "pixel AUROC", "AUPRO", "pixel AP", "IAP"]
