@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from kdad.config import RunConfig, apply_overrides
 from kdad.data.layouts import find_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.distributed import native_bf16
 from kdad.engine.fit import fit
 from kdad.engine.schedule import (
     learning_rate,
@@ -197,6 +199,30 @@ def test_cosine_run_sets_each_epochs_rate_and_rejects_unknown_schedules(
     with pytest.raises(KdadError, match="lr_schedule must be constant or cosine, got 'step'"):
         fit(c, progress=False)
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_bf16_training_autocasts_and_keeps_fp32_weights(mvtec: Path, tmp_path: Path) -> None:
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        c = _cfg(mvtec, tmp_path / precision, 2)
+        c.train.precision = precision
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(c, progress=False)
+        emulated = [w for w in caught if "no native bfloat16" in str(w.message)]
+        assert len(emulated) == (precision == "bf16" and not native_bf16(torch.device("cpu")))
+        runs[precision] = load_checkpoint(tmp_path / precision / "checkpoint.pt")
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert bf16["config"]["train"]["precision"] == "bf16"
+    assert all(v.dtype != torch.bfloat16 for v in bf16["model"].values())  # weights stay fp32
+    # the same seeded run in bfloat16: other arithmetic, so other weights, but the same course
+    assert not all(torch.equal(v, fp32["model"][k]) for k, v in bf16["model"].items())
+    for a, b in zip(fp32["history"], bf16["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+    c = _cfg(mvtec, tmp_path / "bad", 1)
+    c.train.precision = "fp16"
+    with pytest.raises(KdadError, match="precision must be fp32 or bf16, got 'fp16'"):
+        fit(c, progress=False)
 
 
 def test_training_stops_when_validation_stops_improving(mvtec: Path, tmp_path: Path) -> None:

@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many validations without a better --select (4); 0: never",
     )
     t.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="fp32 (default), or bf16: training steps in bfloat16 autocast, about twice as fast "
+        "on CPUs with native bf16 (AVX512-BF16, AMX) and GPUs; testing stays fp32",
+    )
+    t.add_argument(
         "--teacher-cache-gb",
         type=float,
         help="memory for the frozen teacher's features, computed once when inputs repeat "

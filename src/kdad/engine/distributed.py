@@ -75,6 +75,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 in hardware: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX (read from Linux's /proc/cpuinfo; False where it cannot be
+    read). Elsewhere bfloat16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def describe_machine(device: torch.device) -> dict[str, str | int]:
     """Where a result was computed (the device, its name, torch, CPU threads), kept with the
     metrics so that timings and last-bit differences can be traced to a machine."""

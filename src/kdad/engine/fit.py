@@ -36,6 +36,7 @@ from kdad.engine.distributed import (
     broadcast,
     current,
     ensure_group,
+    native_bf16,
     resolve_device,
     sync_batchnorm,
 )
@@ -58,6 +59,8 @@ from kdad.errors import KdadError, KdadWarning
 from kdad.metrics import METRIC_NAMES
 from kdad.models import KDModel, Phase, absolute_options, model_from_config
 from kdad.synth.datasets import SyntheticValidationSet
+
+PRECISIONS = ("fp32", "bf16")  # of training's forward; bf16 under autocast, weights stay fp32
 
 
 def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) -> None:
@@ -226,6 +229,8 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise KdadError(f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+    if t.precision not in PRECISIONS:
+        raise KdadError(f"precision must be {' or '.join(PRECISIONS)}, got {t.precision!r}")
     input_hw(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
@@ -273,13 +278,21 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
 
 
 def _warn(run: _Run, steps: int, new: bool) -> None:
-    """Warnings before training: phases too short to learn, images squashed out of shape."""
+    """Warnings before training: phases too short to learn, images squashed out of shape,
+    bfloat16 asked of a device that would emulate it."""
     if not run.r.main:
         return
     for message in phase_warnings(run.cfg.model.name, run.phases, run.cfg.train.epochs, steps):
         warnings.warn(message, KdadWarning, stacklevel=4)
     if new and (message := squash_advice(run.ds.samples, run.ds.size)):
         warnings.warn(message, KdadWarning, stacklevel=4)
+    if run.cfg.train.precision == "bf16" and not native_bf16(run.device):
+        warnings.warn(
+            f"precision bf16: this {run.device.type.upper()} has no native bfloat16 arithmetic, "
+            "so training will be slower than fp32, not faster",
+            KdadWarning,
+            stacklevel=4,
+        )
 
 
 def _fill_cache(run: _Run, say: bool) -> None:
@@ -311,7 +324,8 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
         batch = {k: _to(v, run.device) for k, v in batch.items()}
         if run.cache is not None:
             run.cache.give(batch["index"])
-        parts = run.model.loss(batch, run.net(batch["image"]))
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=t.precision == "bf16"):
+            parts = run.model.loss(batch, run.net(batch["image"]))
         run.opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         run.opt.step()
