@@ -1,4 +1,4 @@
-"""Benchmark: how RD's Magnetic Tile test metrics move with training length, on the dev half.
+"""Benchmark: how a model's Magnetic Tile test metrics move with training length, on the dev half.
 
 Trains one run without early stopping and tests it after every ``--step`` epochs (resuming
 reproduces an unbroken run exactly, so each point is the same run's state at that epoch);
@@ -7,6 +7,8 @@ metric the run would have kept its epoch by.
 
     python bench/mtd_curve.py --set stages='[stage3, stage5, stage6]' --epochs 20 --step 4 \\
         --out bench/results/mtd_levers/curve_s356.json
+    python bench/mtd_curve.py --config magnetic_tile_stu --epochs 20 --step 4 \\
+        --out bench/results/mtd_levers/curve_stu.json
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/magnetic-tile")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--step", type=int, default=4)
+    ap.add_argument("--model", help="kdad model (the config's, else rd)")
+    ap.add_argument("--config", help="a kdad run config (YAML file or shipped recipe name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--run-dir", default="runs/mtd_curve")
@@ -38,8 +42,9 @@ def main() -> None:
     points = []
     for epochs in range(args.step, args.epochs + 1, args.step):
         kdad.train(
+            config=args.config,
             data=args.data,
-            model="rd",
+            model=args.model,
             epochs=epochs,
             patience=0,
             seed=args.seed,

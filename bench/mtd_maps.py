@@ -7,7 +7,11 @@ whose whole map runs high (an offset between images), or the image border? Write
 - within-image pixel AUROC, the mean over defective images of each image's own AUROC;
 - the same pooled metrics and image AUROC after subtracting each map's median (a per-image
   offset that needs no label, so a deployable map);
-- where the highest good-image pixels lie: the share of the top 0.1% within 16 px of a border.
+- where the highest good-image pixels lie: the share of the top 0.1% within 16 px of a border;
+- which normal pixels outrank each class's defect pixels: the AUROC of its defect pixels against
+  the good images' pixels, and against the defect-free pixels of the defective images of the
+  other classes, near a defect (within NEAR px) and far from one; each group's median map; and
+  pooled pixel AUROC without the class.
 
     python bench/mtd_maps.py runs/recipe_s0/test_maps.npz --out bench/results/mtd_maps_s0.json
 """
@@ -20,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
@@ -28,6 +33,7 @@ from kdad.data.layouts import mtd_dev_names, mtd_key
 from kdad.metrics import PixelCurve, image_auroc
 
 BORDER = 16  # pixels from an edge that count as the border
+NEAR = 48  # pixels from a defect within which a normal pixel is in its halo (stride 32 + blur)
 
 
 def pooled(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
@@ -51,6 +57,36 @@ def border_share(maps: np.ndarray, good: np.ndarray) -> float:
     edge[BORDER : h - BORDER, BORDER : w - BORDER] = False
     top = values >= cut
     return float((top & edge).sum() / max(top.sum(), 1))
+
+
+def outranked(
+    maps: np.ndarray, masks: np.ndarray, classes: np.ndarray, good: np.ndarray
+) -> dict[str, dict]:
+    """Per defect class, its defect pixels' AUROC against each group of normal pixels, the
+    groups' median map values, and pooled pixel AUROC without the class (see the docstring)."""
+    far = np.stack([ndimage.distance_transform_edt(~m) > NEAR for m in masks])  # (N, H, W)
+    groups = {
+        "good_images": np.broadcast_to(good[:, None, None], masks.shape),
+        "defective_images_near": ~good[:, None, None] & ~masks & ~far,
+        "defective_images_far": ~good[:, None, None] & far,
+    }
+    out = {}
+    for c in sorted(set(classes[~good])):
+        own = (classes == c)[:, None, None]
+        pos = maps[masks & own]
+        row = {"defect_median": float(np.median(pos))}
+        for name, sel in groups.items():
+            neg = maps[sel & ~own]
+            y = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
+            row[name] = {
+                "auroc": PixelCurve.build(np.r_[pos, neg], y).auroc(),
+                "median": float(np.median(neg)),
+            }
+        row["pooled_pixel_auroc_without"] = PixelCurve.build(
+            maps[~own[:, 0, 0]], masks[~own[:, 0, 0]]
+        ).auroc()
+        out[c] = row
+    return out
 
 
 def main() -> None:
@@ -88,6 +124,8 @@ def main() -> None:
             c: pooled(maps[good | (classes == c)], masks[good | (classes == c)])
             for c in sorted(set(classes[~good]))
         },
+        "near_px": NEAR,
+        "outranked": outranked(maps, masks, classes, good),
     }
     write_result(args.out, result)
     print(json.dumps(result, indent=1))

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
-        help="fp32 (default), or bf16: training steps in bfloat16 autocast, about twice as fast "
-        "on CPUs with native bf16 (AVX512-BF16, AMX) and GPUs; testing stays fp32",
+        help="fp32 (default), or bf16: training steps in bfloat16 autocast, faster on CPUs "
+        "with native bf16 (AVX512-BF16, AMX) and on GPUs, slower elsewhere; testing stays fp32",
     )
     t.add_argument(
         "--teacher-cache-gb",
