@@ -1,12 +1,13 @@
-"""Each scale's own map of a trained distillation checkpoint (RD's family, STU-Seg without its
-head) on Magnetic Tile's dev half: image
+"""Each scale's own map of a trained distillation checkpoint on Magnetic Tile's dev half.
+
+Any distiller whose map is its scales' 1 - cos (RD's family, STU-Seg without its head). Image
 AUROC per class and pixel AUROC per class for every teacher scale alone and for their sum (the
 model's map), to see which scale finds which defect, and of weighted sums: each scale divided
 by its mean over the held-out good training images' pixels (the checkpoint's calibration
 images, never test images), alone or without the shallowest scale, and the normalised sum
-smoothed more (sigma 8 and 16 instead of the model's 4). Pixel AUROC is
-taken on every 4th pixel of each row and column: the maps are smooth (Gaussian sigma 4), and a
-full curve per scale and class would take minutes each on 2 cores.
+smoothed more (sigma 8 and 16 instead of the model's 4). Pixel AUROC is taken on every 4th
+pixel of each row and column: the maps are smooth (Gaussian sigma 4), and a full curve per
+scale and class would take minutes each on 2 cores.
 
     python bench/mtd_scales.py runs/recipe_s1/checkpoint.pt --out bench/results/mtd_maps/s1.json
 """
