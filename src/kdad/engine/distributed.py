@@ -63,16 +63,21 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in Linux's /proc/cpuinfo; None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -81,14 +86,7 @@ def native_bf16(device: torch.device) -> bool:
     read). Elsewhere bfloat16 is emulated, slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & set((_cpuinfo("flags") or "").split()))
 
 
 def describe_machine(device: torch.device) -> dict[str, str | int]:
