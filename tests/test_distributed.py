@@ -158,9 +158,12 @@ def test_sharded_predict_writes_every_input_once_in_order(tmp_path: Path) -> Non
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     rows = list(csv.DictReader((tmp_path / "two" / "predictions.csv").read_text().splitlines()))
     assert len(rows) == 7
-    assert (tmp_path / "one" / "predictions.csv").read_text() == (
-        tmp_path / "two" / "predictions.csv"
-    ).read_text()
+    # Equal to one process's rows; the scores to float rounding, as the shards batch the images
+    # otherwise (the 6-digit score of one image differs in its last digit under some kernels).
+    alone = list(csv.DictReader((tmp_path / "one" / "predictions.csv").read_text().splitlines()))
+    assert [{**r, "score": ""} for r in alone] == [{**r, "score": ""} for r in rows]
+    scores = [(float(a["score"]), float(b["score"])) for a, b in zip(alone, rows) if a["score"]]
+    assert len(scores) == 6 and all(b == pytest.approx(a, rel=1e-4) for a, b in scores)
     lines = (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(ln)["path"] for ln in lines] == [r["path"] for r in rows]
     assert sum(bool(r["error"]) for r in rows) == 1
