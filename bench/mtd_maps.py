@@ -11,7 +11,11 @@ whose whole map runs high (an offset between images), or the image border? Write
 - which normal pixels outrank each class's defect pixels: the AUROC of its defect pixels against
   the good images' pixels, and against the defect-free pixels of the defective images of the
   other classes, near a defect (within NEAR px) and far from one; each group's median map; and
-  pooled pixel AUROC without the class.
+  pooled pixel AUROC without the class;
+- whether a tile's defect-free area alone tells defective tiles from good ones: image AUROC
+  when each tile is scored by the median of its pixels more than NEAR px from any defect, over
+  all classes, per class, and within quartiles of the original image area and brightness (the
+  image files are read for these).
 
     python bench/mtd_maps.py runs/recipe_s0/test_maps.npz --out bench/results/mtd_maps_s0.json
 """
@@ -19,11 +23,13 @@ whose whole map runs high (an offset between images), or the image border? Write
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -89,6 +95,45 @@ def outranked(
     return out
 
 
+def _area_and_grey(path: str) -> tuple[int, float]:
+    """An image file's pixel count and mean grey level."""
+    with Image.open(path) as im:
+        return im.width * im.height, float(np.asarray(im.convert("L"), np.float32).mean())
+
+
+def far_from_defects(
+    maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, classes: np.ndarray, paths: list
+) -> dict[str, object]:
+    """Image AUROC of each tile's median map value over its pixels more than NEAR px from any
+    defect (a good tile's whole map): overall, per class against the good tiles, and within
+    quartiles of image area and mean grey level (see the module docstring)."""
+    far = np.stack([ndimage.distance_transform_edt(~m) > NEAR for m in masks])  # (N, H, W)
+    score = np.array([np.median(m[f]) for m, f in zip(maps, far)])
+    good = labels == 0
+    out: dict[str, object] = {
+        "image_auroc": image_auroc(score, labels),
+        "far_area_share_median": float(np.median(far[~good].mean((1, 2)))),
+        "per_class": {
+            c: image_auroc(score[good | (classes == c)], labels[good | (classes == c)])
+            for c in sorted(set(classes[~good]))
+        },
+    }
+    area, grey = np.array([_area_and_grey(p) for p in paths]).T  # (N,), (N,)
+    covariates = {"area": area, "grey_level": grey}
+    for name, v in covariates.items():
+        edges = np.quantile(v, [0, 0.25, 0.5, 0.75, 1])
+        bins = [(a, b, (v >= a) & (v <= b)) for a, b in itertools.pairwise(edges)]
+        out[f"by_{name}"] = [
+            {
+                "range": [float(a), float(b)],
+                "good": int((good & k).sum()),
+                "image_auroc": image_auroc(score[k], labels[k]),
+            }
+            for a, b, k in bins
+        ]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("maps", help="test_maps.npz of a Magnetic Tile run")
@@ -126,6 +171,7 @@ def main() -> None:
         },
         "near_px": NEAR,
         "outranked": outranked(maps, masks, classes, good),
+        "far_from_defects": far_from_defects(maps, masks, labels, classes, list(paths[sel])),
     }
     write_result(args.out, result)
     print(json.dumps(result, indent=1))
