@@ -65,12 +65,16 @@ def border_share(maps: np.ndarray, good: np.ndarray) -> float:
     return float((top & edge).sum() / max(top.sum(), 1))
 
 
+def far_masks(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool: the pixels more than NEAR px from any defect of their image."""
+    return np.stack([ndimage.distance_transform_edt(~m) > NEAR for m in masks])
+
+
 def outranked(
-    maps: np.ndarray, masks: np.ndarray, classes: np.ndarray, good: np.ndarray
+    maps: np.ndarray, masks: np.ndarray, far: np.ndarray, classes: np.ndarray, good: np.ndarray
 ) -> dict[str, dict]:
     """Per defect class, its defect pixels' AUROC against each group of normal pixels, the
     groups' median map values, and pooled pixel AUROC without the class (see the docstring)."""
-    far = np.stack([ndimage.distance_transform_edt(~m) > NEAR for m in masks])  # (N, H, W)
     groups = {
         "good_images": np.broadcast_to(good[:, None, None], masks.shape),
         "defective_images_near": ~good[:, None, None] & ~masks & ~far,
@@ -102,12 +106,11 @@ def _area_and_grey(path: str) -> tuple[int, float]:
 
 
 def far_from_defects(
-    maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, classes: np.ndarray, paths: list
+    maps: np.ndarray, far: np.ndarray, labels: np.ndarray, classes: np.ndarray, paths: list
 ) -> dict[str, object]:
     """Image AUROC of each tile's median map value over its pixels more than NEAR px from any
     defect (a good tile's whole map): overall, per class against the good tiles, and within
     quartiles of image area and mean grey level (see the module docstring)."""
-    far = np.stack([ndimage.distance_transform_edt(~m) > NEAR for m in masks])  # (N, H, W)
     score = np.array([np.median(m[f]) for m, f in zip(maps, far)])
     good = labels == 0
     out: dict[str, object] = {
@@ -149,6 +152,7 @@ def main() -> None:
     classes = np.array([Path(p).parent.parent.name.removeprefix("MT_") for p in paths[sel]])
     centred = maps - np.median(maps.reshape(len(maps), -1), axis=1)[:, None, None]
     good = labels == 0
+    far = far_masks(masks)  # (N, H, W)
     result = {
         "maps": str(args.maps),
         "half": "dev",
@@ -170,8 +174,8 @@ def main() -> None:
             for c in sorted(set(classes[~good]))
         },
         "near_px": NEAR,
-        "outranked": outranked(maps, masks, classes, good),
-        "far_from_defects": far_from_defects(maps, masks, labels, classes, list(paths[sel])),
+        "outranked": outranked(maps, masks, far, classes, good),
+        "far_from_defects": far_from_defects(maps, far, labels, classes, list(paths[sel])),
     }
     write_result(args.out, result)
     print(json.dumps(result, indent=1))
