@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save
 
 from kdad.config import RunConfig, apply_overrides
 from kdad.data.layouts import find_samples
@@ -92,6 +93,63 @@ def test_resume_after_kill(mvtec: Path, tmp_path: Path) -> None:
     )
     fit(_cfg(mvtec, tmp_path / "full", 4), progress=False)
     _same_state(tmp_path / "full" / "checkpoint.pt", run / "checkpoint.pt")
+
+
+def test_small_sets_checkpoint_every_40_steps_worth(
+    mvtec: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Two steps an epoch: the checkpoint is written every 20 epochs (40 steps), at each
+    validation and at the end, not after every epoch; resuming from it equals an unbroken run."""
+    import kdad.engine.fit as engine_fit
+
+    written: list[int] = []
+    save = engine_fit.save_checkpoint
+
+    def counting_save(path: Path, state: dict) -> None:
+        if path.name == "checkpoint.pt":
+            written.append(state["epoch"])
+        save(path, state)
+
+    monkeypatch.setattr(engine_fit, "save_checkpoint", counting_save)
+
+    def cfg(out: str, epochs: int) -> RunConfig:
+        return apply_overrides(_cfg(mvtec, tmp_path / out, epochs), val_every=0, image_size=32)
+
+    fit(cfg("full", 23), progress=False)
+    assert written == [20, 23]  # 7 images in batches of 3, the last of 1 dropped: 2 steps
+    assert len(load_checkpoint(tmp_path / "full" / "checkpoint.pt")["history"]) == 23
+    written.clear()
+    fit(cfg("split", 21), progress=False)
+    fit(cfg("split", 23), resume=True, progress=False)
+    assert written == [20, 21, 23]
+    _same_state(tmp_path / "full" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+
+
+def test_auto_size_and_precision_are_chosen_said_and_saved(tmp_path: Path, capsys) -> None:
+    """By default, tall parts of one aspect train at that aspect (at about 256x256's pixel
+    count); ``precision: auto`` is bf16 exactly where the CPU has it natively. Both are said at
+    the start and saved in the run's config, so testing and resuming use them."""
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        save(tmp_path / "tall" / f"{i}.png", rng.integers(90, 110, (200, 50), dtype=np.uint8))
+    cfg = apply_overrides(
+        RunConfig(),
+        data=tmp_path / "tall",
+        out=tmp_path / "r",
+        epochs=1,
+        batch_size=2,
+        device="cpu",
+        precision="auto",
+    )
+    assert cfg.data.image_size == "auto"  # the default
+    fit(cfg, progress=True)
+    saved = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert saved["data"]["image_size"] == [512, 128]  # 4:1, multiples of 32 (stride 16)
+    assert saved["train"]["precision"] == precision
+    err = capsys.readouterr().err
+    assert "kdad: input 512x128 (height x width), chosen: the training images share" in err
+    assert f"kdad: precision {precision}, chosen: this CPU has" in err
 
 
 def test_existing_run_is_never_overwritten(mvtec: Path, tmp_path: Path) -> None:
@@ -221,7 +279,7 @@ def test_bf16_training_autocasts_and_keeps_fp32_weights(mvtec: Path, tmp_path: P
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
     c = _cfg(mvtec, tmp_path / "bad", 1)
     c.train.precision = "fp16"
-    with pytest.raises(KdadError, match="precision must be fp32 or bf16, got 'fp16'"):
+    with pytest.raises(KdadError, match="precision must be fp32, bf16 or auto, got 'fp16'"):
         fit(c, progress=False)
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_mvtec, save
 from PIL import Image
 
-from kdad.data.dataset import TrainSet, input_hw, preprocess, squash_advice
+from kdad.data.dataset import TrainSet, choose_size, input_hw, preprocess, squash_advice
 from kdad.data.layouts import Sample, find_samples
 from kdad.errors import KdadError
 from kdad.synth.datasets import SyntheticTrainSet, SyntheticValidationSet
@@ -51,6 +51,55 @@ def test_squash_advice_names_the_size_that_keeps_the_aspect(tmp_path: Path) -> N
     assert squash_advice(tall, (416, 160)) is None
     near = [Sample(save(tmp_path / "n.png", np.zeros((300, 240), np.uint8)), 0, None, "good")]
     assert squash_advice(near, (256, 256)) is None  # 1.25x: left alone
+
+
+def shaped(tmp_path: Path, shapes: list[tuple[int, int]]) -> list[Sample]:
+    """Good samples of the given (height, width): only their headers are read."""
+    return [
+        Sample(save(tmp_path / f"s{i}.png", np.zeros(hw, np.uint8)), 0, None, "good")
+        for i, hw in enumerate(shapes)
+    ]
+
+
+def test_squash_advice_rounds_to_what_the_model_needs(tmp_path: Path) -> None:
+    tall = shaped(tmp_path, [(1250, 500)] * 3)
+    message = squash_advice(tall, (256, 256), multiple=64)  # a model with a stride-32 stage
+    assert "--image-size 384 192" in message
+    assert squash_advice(tall, (384, 192), multiple=64) is None  # 2.0x: within 1.5x of 2.5x
+
+
+def test_auto_size_keeps_a_shared_far_aspect_and_says_so(tmp_path: Path) -> None:
+    """Line-scan parts of one aspect, 2.5:1 (with a few pixels' jitter): kept, at about
+    256x256's pixel count, in multiples of what the model's deepest stage needs."""
+    tall = shaped(tmp_path, [(1250, 500), (1248, 500), (1250, 496), (1252, 502)])
+    size, line = choose_size(tall, 32)
+    assert size == [416, 160]  # the size the squash warning names for this part
+    assert "input 416x160 (height x width), chosen" in line and "squash 2.5x" in line
+    assert choose_size(tall, 64)[0] == [384, 192]
+    for hw in choose_size(tall, 32)[0], choose_size(tall, 64)[0]:
+        assert 0.8 < hw[0] * hw[1] / 256**2 < 1.2
+
+
+def test_auto_size_stays_square_for_mixed_or_near_square_sets(tmp_path: Path) -> None:
+    # Magnetic Tile's kind of set: every aspect from tall to wide; the median of each side
+    # is far from square, but no aspect is shared
+    mixed = shaped(tmp_path / "m", [(285, 122), (360, 360), (273, 218), (331, 520), (600, 200)])
+    assert choose_size(mixed, 32)[0] == 256
+    # all wider than tall, but from 1.4:1 to 2.1:1 (battery-weld's spread): not one aspect
+    welds = shaped(tmp_path / "w", [(285, 400), (256, 400), (256, 400), (214, 400), (188, 400)])
+    assert choose_size(welds, 64)[0] == 256
+    near = shaped(tmp_path / "n", [(300, 240)] * 3)  # 1.25:1, shared: a square squashes little
+    size, line = choose_size(near, 32)
+    assert size == 256 and line == "kdad: input 256x256 (training images typically 300x240)"
+
+
+def test_auto_size_says_the_resolution_of_large_images(tmp_path: Path) -> None:
+    """A 4000x3000 part seen at 256x256: the start line says how coarse that is, and how to
+    go finer."""
+    size, line = choose_size(shaped(tmp_path, [(3000, 4000)] * 2), 32)
+    assert size == 256
+    assert "typically 3000x4000: one input pixel covers 12x16 image pixels" in line
+    assert "--image-size H W for finer detail" in line
 
 
 def asymmetric(tmp_path: Path) -> list[Sample]:

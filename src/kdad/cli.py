@@ -87,6 +87,16 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _size(value: str) -> int | str:
+    """One --image-size word: ``auto`` or a number of pixels."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not auto or a number of pixels: {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdad", description="Defect detection by knowledge distillation."
@@ -112,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument(
         "--image-size",
-        type=int,
+        type=_size,
         nargs="+",
         metavar="SIZE",
-        help="input side (256), or HEIGHT WIDTH for parts a square would squash",
+        help="auto (default: 256x256, or the training images' aspect when they share one that "
+        "a square would squash), an input side, or HEIGHT WIDTH",
     )
     t.add_argument(
         "--augment",
@@ -144,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "auto"],
         help="fp32 (default), or bf16: training steps in bfloat16 autocast, faster on CPUs "
-        "with native bf16 (AVX512-BF16, AMX) and on GPUs, slower elsewhere; testing stays fp32",
+        "with native bf16 (AVX512-BF16, AMX) and on GPUs, slower elsewhere; testing stays fp32; "
+        "auto: bf16 where native, else fp32",
     )
     t.add_argument(
         "--teacher-cache-gb",

@@ -20,7 +20,9 @@ class DataConfig:
     path: str = ""
     layout: str = "auto"  # auto | mvtec | folder | mtd
     category: str | None = None  # MVTec category folder, when path is the dataset root
-    image_size: int | list[int] = 256  # input side (square), or [height, width]
+    # input side (square), [height, width], or auto: 256x256, or the training images' shared
+    # aspect at about that pixel count when a square would squash them (data.dataset.choose_size)
+    image_size: int | list[int] | str = "auto"
     normal_dir: str = "good"  # folder layout: good images
     abnormal_dir: str = "defect"  # folder layout: defective images (test only)
     mask_dir: str = "mask"  # folder layout: masks named like their image
@@ -57,7 +59,9 @@ class TrainConfig:
     select: str = "pixel_ap"  # validation metric choosing the epoch kept as best.pt
     patience: int = 4  # validations without a better ``select`` before stopping; 0 = never stop
     teacher_cache_gb: float = 2.0  # memory for the teacher's features when inputs repeat; 0 = off
-    precision: str = "fp32"  # fp32 | bf16: training's forward in bfloat16 autocast (weights fp32)
+    # fp32 | bf16: training's forward in bfloat16 autocast (weights fp32) | auto: bf16 where the
+    # device has native bfloat16, else fp32
+    precision: str = "fp32"
 
 
 @dataclass

@@ -18,6 +18,11 @@ from kdad.data.io import image_shape, read_image, read_mask
 from kdad.data.layouts import Sample
 from kdad.errors import KdadError
 
+AUTO = "auto"  # data.image_size chosen from the training images (choose_size)
+AUTO_PIXELS = 256 * 256  # the automatic input's pixel count
+SQUASH_LIMIT = 1.5  # a square may squash an image this much along one axis, no more
+ONE_ASPECT = 1.25  # images share one aspect: 90% of them within this ratio of each other
+
 
 def input_hw(image_size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     """The model's input (height, width) from ``data.image_size``: one side for a square, or
@@ -25,25 +30,71 @@ def input_hw(image_size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(hw) != 2 or not all(isinstance(v, int) and v >= 32 for v in hw):
         raise KdadError(
-            f"image_size must be one size or [height, width], each an integer >= 32; "
+            f"image_size must be {AUTO!r}, one size or [height, width], each an integer >= 32; "
             f"got {image_size!r}"
         )
     return hw
 
 
-def squash_advice(samples: list[Sample], hw: tuple[int, int], limit: float = 1.5) -> str | None:
+def check_image_size(image_size: int | list[int] | str) -> None:
+    """Refuse a ``data.image_size`` that is neither ``auto`` nor a size."""
+    if image_size != AUTO:
+        input_hw(image_size)
+
+
+def _shapes(samples: list[Sample]) -> np.ndarray:
+    return np.array([image_shape(s.path) for s in samples], dtype=np.float64)  # (N, 2)
+
+
+def keep_aspect(h: float, w: float, pixels: int, multiple: int) -> tuple[int, int]:
+    """(height, width) of aspect ``h``:``w`` at about ``pixels`` pixels, each side a multiple of
+    ``multiple`` (what the model's deepest stage needs)."""
+    side = np.sqrt(pixels / (h * w))
+    return tuple(max(multiple, round(float(v * side) / multiple) * multiple) for v in (h, w))
+
+
+def choose_size(samples: list[Sample], multiple: int) -> tuple[int | list[int], str]:
+    """``data.image_size: auto``: 256x256, unless the training images share one aspect (90% of
+    them within 1.25x of each other) that a square would squash more than 1.5x; then that aspect
+    at about 256x256's pixel count, sides multiples of ``multiple``. Returns the size and the
+    line that says what it is, why, and how to go finer."""
+    shapes = _shapes(samples)
+    h, w = np.median(shapes, axis=0)
+    aspect = shapes[:, 0] / shapes[:, 1]
+    lo, hi = np.percentile(aspect, [5, 95])
+    squash = max(h / w, w / h)
+    typical = f"typically {int(h)}x{int(w)}"
+    if squash > SQUASH_LIMIT and hi / lo <= ONE_ASPECT:
+        hw = keep_aspect(h, w, AUTO_PIXELS, multiple)
+        return list(hw), (
+            f"kdad: input {hw[0]}x{hw[1]} (height x width), chosen: the training images share "
+            f"one aspect ({typical}), which a square would squash {squash:.1f}x; "
+            "--image-size 256 for a square"
+        )
+    side = int(np.sqrt(AUTO_PIXELS))
+    text = f"kdad: input {side}x{side} (training images {typical}"
+    if max(h, w) > 2 * side:
+        text += (
+            f": one input pixel covers {h / side:.0f}x{w / side:.0f} image pixels; --image-size "
+            "H W for finer detail, at about (H x W / 65536) times the time"
+        )
+    return side, text + ")"
+
+
+def squash_advice(
+    samples: list[Sample], hw: tuple[int, int], multiple: int = 32, limit: float = SQUASH_LIMIT
+) -> str | None:
     """A warning when resizing to ``hw`` squashes the typical (median-aspect) image more than
     ``limit`` times along one axis, a thin defect along the other axis fading with it; with the
-    ``image_size`` that would keep its aspect at the same pixel count. None when it fits."""
+    ``image_size`` that would keep its aspect at the same pixel count, in multiples of
+    ``multiple`` (what the model needs). None when it fits."""
     if not samples:
         return None
-    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)  # (N, 2)
-    h, w = np.median(shapes, axis=0)
+    h, w = np.median(_shapes(samples), axis=0)
     squash = (h / w) / (hw[0] / hw[1])
     if max(squash, 1 / squash) <= limit:
         return None
-    side = np.sqrt(hw[0] * hw[1] / (h * w))
-    keep = [max(32, round(float(v * side) / 32) * 32) for v in (h, w)]
+    keep = keep_aspect(h, w, hw[0] * hw[1], multiple)
     axis = "height" if squash > 1 else "width"
     return (
         f"training images are typically {int(h)}x{int(w)} (height x width) but are resized to "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from kdad.backbones import get_spec
 from kdad.config import RunConfig, save_config
-from kdad.data.dataset import TrainSet, input_hw, squash_advice
+from kdad.data.dataset import AUTO, TrainSet, check_image_size, choose_size, squash_advice
 from kdad.data.layouts import training_samples
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -60,7 +60,13 @@ from kdad.metrics import METRIC_NAMES
 from kdad.models import KDModel, Phase, absolute_options, model_from_config
 from kdad.synth.datasets import SyntheticValidationSet
 
-PRECISIONS = ("fp32", "bf16")  # of training's forward; bf16 under autocast, weights stay fp32
+PRECISIONS = ("fp32", "bf16", AUTO)  # of training's forward; bf16 under autocast, weights fp32
+# auto: bf16 where the device has native bfloat16 arithmetic, else fp32
+
+
+def size_multiple(model: KDModel) -> int:
+    """What every side of the model's input must be a multiple of: twice its deepest stride."""
+    return 2 * max(model.teacher.strides)
 
 
 def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) -> None:
@@ -76,7 +82,7 @@ def check_input_size(model: KDModel, hw: tuple[int, int], device: torch.device) 
         raise KdadError(
             f"image_size {hw[0]}x{hw[1]} does not suit this model and its stages: their feature "
             f"maps do not line up ({str(e).splitlines()[0]}); use sides that are multiples of "
-            f"{2 * max(model.teacher.strides)}"
+            f"{size_multiple(model)}"
         ) from e
 
 
@@ -162,6 +168,7 @@ class _Run:
     history: list[dict[str, Any]]
     best: dict[str, Any] | None
     start: int  # the first epoch to train (0-based)
+    notes: list[str]  # what was chosen for this run by itself: its start lines
     cache: TeacherCache | None = None
 
     @property
@@ -175,11 +182,13 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     t, r, say = cfg.train, run.r, progress and run.r.main
     steps = len(_loader(run.ds, cfg, 0, r))
     every = validation_interval(t.val_every, steps)
+    keep = validation_interval(0, steps)  # checkpoint cadence: every VAL_STEPS steps' worth
     _warn(run, steps, state is None)
     if say:
         held = len(run.val.samples) if run.val else 0
         plan = (cfg.model.name, len(run.ds), held, t.epochs, steps, every, t.patience, t.select)
-        tqdm.write(plan_message(*plan), file=sys.stderr)
+        for line in [*run.notes, plan_message(*plan)]:
+            tqdm.write(line, file=sys.stderr)
     # a resumed run that had already stopped early trains no further
     last = run.start if should_stop(run.history, run.best, t.patience) else t.epochs
     if last > run.start:
@@ -199,7 +208,8 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
                 break
             continue
         due = (epoch + 1) % every == 0 or epoch + 1 == t.epochs
-        if _end_epoch(run, epoch, entry, due and phase_at(run.phases, epoch).scoring, bar):
+        save = (epoch + 1) % keep == 0 or epoch + 1 == t.epochs
+        if _end_epoch(run, epoch, entry, due and phase_at(run.phases, epoch).scoring, save, bar):
             if say:
                 tqdm.write(stop_message(epoch + 1, run.history, run.best), file=sys.stderr)
             break
@@ -230,8 +240,8 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
     if t.lr_schedule not in LR_SCHEDULES:
         raise KdadError(f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if t.precision not in PRECISIONS:
-        raise KdadError(f"precision must be {' or '.join(PRECISIONS)}, got {t.precision!r}")
-    input_hw(cfg.data.image_size)
+        raise KdadError(f"precision must be fp32, bf16 or auto, got {t.precision!r}")
+    check_image_size(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
     cfg.model.options = absolute_options(cfg.model)
@@ -245,14 +255,15 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
     r = ensure_group(device)
     if t.batch_size % r.world:
         raise KdadError(f"batch size {t.batch_size} is not divisible by the {r.world} ranks")
-    if r.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     torch.manual_seed(t.seed)
     # channels-last: about 1.5x faster training steps on CPU (measured on the distillation models)
     model = model_from_config(cfg.model, pretrained=state is None).to(
         device, memory_format=torch.channels_last
     )
+    notes = _choose(cfg, model, device)
+    if r.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     ds, val = datasets(cfg, model, progress and r.main)
     if state is not None:
         load_weights(model, state)
@@ -274,7 +285,23 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
         opt.load_state_dict(state["optimizer"])
         start, history, best = state["epoch"], list(state["history"]), state.get("best")
     phases = model.phases(t.epochs)
-    return _Run(cfg, out, r, device, model, net, opt, ds, val, phases, history, best, start)
+    return _Run(cfg, out, r, device, model, net, opt, ds, val, phases, history, best, start, notes)
+
+
+def _choose(cfg: RunConfig, model: KDModel, device: torch.device) -> list[str]:
+    """Settings left to ``auto`` made concrete in ``cfg`` (and so in the saved config): the
+    input size from the training images, bfloat16 where the device has it natively. Returns
+    the lines that say what was chosen."""
+    notes = []
+    if cfg.data.image_size == AUTO:
+        cfg.data.image_size, line = choose_size(training_samples(cfg.data)[0], size_multiple(model))
+        notes.append(line)
+    if cfg.train.precision == AUTO:
+        native = native_bf16(device)
+        cfg.train.precision = "bf16" if native else "fp32"
+        where = f"this {device.type.upper()} has {'' if native else 'no '}native bfloat16"
+        notes.append(f"kdad: precision {cfg.train.precision}, chosen: {where}")
+    return notes
 
 
 def _warn(run: _Run, steps: int, new: bool) -> None:
@@ -284,7 +311,8 @@ def _warn(run: _Run, steps: int, new: bool) -> None:
         return
     for message in phase_warnings(run.cfg.model.name, run.phases, run.cfg.train.epochs, steps):
         warnings.warn(message, KdadWarning, stacklevel=4)
-    if new and (message := squash_advice(run.ds.samples, run.ds.size)):
+    multiple = size_multiple(run.model)
+    if new and (message := squash_advice(run.ds.samples, run.ds.size, multiple)):
         warnings.warn(message, KdadWarning, stacklevel=4)
     if run.cfg.train.precision == "bf16" and not native_bf16(run.device):
         warnings.warn(
@@ -343,9 +371,11 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
     }
 
 
-def _end_epoch(run: _Run, epoch: int, entry: dict[str, Any], validate: bool, bar: tqdm) -> bool:
-    """Rank 0 after an epoch: validate when asked and keep the best, write the checkpoint;
-    whether to stop early."""
+def _end_epoch(
+    run: _Run, epoch: int, entry: dict[str, Any], validate: bool, save: bool, bar: tqdm
+) -> bool:
+    """Rank 0 after an epoch: validate when asked and keep the best, write the checkpoint
+    when due (``save``, a validation, a stop); whether to stop early."""
     t = run.cfg.train
     if run.val is not None and validate:  # before the state is taken: it changes the model
         fit_normal(run.model, run.val.good(), t.batch_size)
@@ -362,6 +392,8 @@ def _end_epoch(run: _Run, epoch: int, entry: dict[str, Any], validate: bool, bar
     stop = broadcast(should_stop(run.history, run.best, t.patience))
     if stop:
         entry["stopped_early"] = True
+    if not (save or validate or stop):
+        return False
     save_checkpoint(
         run.out / "checkpoint.pt",
         {**state, "history": run.history, "best": run.best, "optimizer": run.opt.state_dict()},
