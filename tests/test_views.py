@@ -102,6 +102,23 @@ def test_auto_size_says_the_resolution_of_large_images(tmp_path: Path) -> None:
     assert "--image-size H W for finer detail" in line
 
 
+def test_training_images_decoded_once_give_the_same_items(tmp_path: Path) -> None:
+    """The cache of decoded training images changes no item, in any view, in any epoch; it
+    holds only what its budget allows, and what it holds is never altered by use."""
+    samples = find_samples(make_mvtec(tmp_path / "m"), "train")
+    plain = TrainSet(samples, 32, *NORM, seed=1, augment=["hflip", "rot90"])
+    one = 3 * 32 * 32 * 4  # bytes of one resized image
+    cached = TrainSet(samples, 32, *NORM, seed=1, augment=["hflip", "rot90"], cache_bytes=3 * one)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(samples)):
+            assert torch.equal(plain[i]["image"], cached[i]["image"])
+    assert sorted(cached.cached) == [0, 1, 2]  # the first three, then the budget was spent
+    for i, x in cached.cached.items():
+        assert torch.equal(x, plain.load(samples[i].path))
+
+
 def asymmetric(tmp_path: Path) -> list[Sample]:
     """One image whose every flip and turn differs: a bright 8x4 block in the top-left corner."""
     img = np.zeros((32, 32), np.uint8)

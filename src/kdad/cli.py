@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(2); 0: recompute every step",
     )
     t.add_argument(
+        "--image-cache-gb",
+        type=float,
+        help="memory for the training images, decoded and resized once (2); 0: every epoch",
+    )
+    t.add_argument(
         "--false-alarm-rate",
         type=float,
         help="share of good parts the calibrated threshold flags (0.01)",

@@ -59,6 +59,7 @@ class TrainConfig:
     select: str = "pixel_ap"  # validation metric choosing the epoch kept as best.pt
     patience: int = 4  # validations without a better ``select`` before stopping; 0 = never stop
     teacher_cache_gb: float = 2.0  # memory for the teacher's features when inputs repeat; 0 = off
+    image_cache_gb: float = 2.0  # memory for the decoded, resized training images; 0 = off
     # fp32 | bf16: training's forward in bfloat16 autocast (weights fp32) | auto: bf16 where the
     # device has native bfloat16, else fp32
     precision: str = "fp32"
@@ -175,6 +176,7 @@ OVERRIDES = {
     "select": "train.select",
     "patience": "train.patience",
     "teacher_cache_gb": "train.teacher_cache_gb",
+    "image_cache_gb": "train.image_cache_gb",
     "precision": "train.precision",
     "false_alarm_rate": "calibration.false_alarm_rate",
     "out": "out",

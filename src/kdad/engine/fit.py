@@ -96,7 +96,10 @@ def datasets(
     d = cfg.data
     fit_samples, held = training_samples(d)
     spec = get_spec(cfg.model.backbone)
-    images = TrainSet(fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, d.augment)
+    cache = cfg.train.image_cache_gb * 2**30
+    images = TrainSet(
+        fit_samples, d.image_size, spec.mean, spec.std, cfg.train.seed, d.augment, cache
+    )
     main = current().main
     if main:
         train = model.train_set(images, Path(cfg.out), progress)
