@@ -73,8 +73,10 @@ def table(folder: Path, half: str) -> str:
         parts = [r["halves"][half] if r.get("halves") else r for r in runs]
         cells = [cell([p["metrics"][m] for p in parts]) for m in METRICS]
         if mtd:
+            per = [p.get("image_auroc_per_class", {}) for p in parts]
             cells += [
-                cell([p["image_auroc_per_class"][c] for p in parts], digits=0) for c in CLASSES
+                cell([q[c] for q in per], digits=0) if all(c in q for q in per) else "-"
+                for c in CLASSES
             ]
         minutes = [r["train_wall_seconds"] / 60 for r in runs]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {cell(minutes, 1)} |")
