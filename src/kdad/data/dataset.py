@@ -173,8 +173,8 @@ class TrainSet(ImageDataset):
     (see data/augment.py) fixed by (seed, epoch, index): resuming replays the same views.
 
     Every epoch reads the same files, so each image is decoded and resized once and kept, while
-    ``cache_bytes`` allows (on Magnetic Tile, decoding is about a third of an epoch of STU-Seg
-    on a CPU); the items are the same, cached or not."""
+    ``cache_bytes`` allows (on Magnetic Tile, an epoch of a width-16 STU-Seg on 2 cores takes
+    9 s instead of 10.3-11.4); the items are the same, cached or not."""
 
     def __init__(
         self,
