@@ -243,7 +243,8 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
     if t.lr_schedule not in LR_SCHEDULES:
         raise KdadError(f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if t.precision not in PRECISIONS:
-        raise KdadError(f"precision must be fp32, bf16 or auto, got {t.precision!r}")
+        names = f"{', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}"
+        raise KdadError(f"precision must be {names}, got {t.precision!r}")
     check_image_size(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
