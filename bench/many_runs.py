@@ -1,10 +1,12 @@
 """Benchmark: many training runs side by side, each trained, tested and written as one JSON.
 
 Each run is a name, a seed and any ``kdad.train`` keywords (``data``, ``model``, ``stages``,
-``options``, ``epochs``...) from a YAML list; runs start in the file's order, ``--jobs`` at a
+``options``, ``epochs``...) from a YAML list (and ``evaluate: last`` to test the last epoch
+rather than ``best.pt``); runs start in the file's order, ``--jobs`` at a
 time, the cores split between them. A run whose result file exists is skipped, so running the
 same command again finishes an interrupted batch. Results: ``OUT/<name>-s<seed>.json`` with the
-metrics (Magnetic Tile: each half's too), per-class image AUROC, training seconds and epochs.
+metrics (Magnetic Tile: each half's too), per-class image AUROC, training seconds and epochs,
+and every synthetic validation of the run.
 
     python bench/many_runs.py runs.yaml --jobs 12 --out bench/results/defaults
     python bench/many_runs.py --table bench/results/defaults [--half dev]
@@ -36,21 +38,30 @@ def one(job: dict[str, Any]) -> str:
     settings, out, run_dir = job["settings"], Path(job["out"]), Path(job["run_dir"])
     tic = time.perf_counter()
     resume = (run_dir / "checkpoint.pt").exists()  # an interrupted run goes on
+    settings = dict(settings)
+    last = settings.pop("evaluate", "best") == "last"  # the fixed schedule's end, not best.pt
     ckpt = kdad.train(out=run_dir, seed=job["seed"], progress=False, resume=resume, **settings)
     train_seconds = time.perf_counter() - tic
     history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
+    if last:
+        ckpt = run_dir / "checkpoint.pt"
     res = kdad.evaluate(ckpt, out=run_dir)
     result = {
         "benchmark": "many_runs",
         "name": job["name"],
         "seed": job["seed"],
-        "settings": settings,
+        "settings": job["settings"],
+        "checkpoint": Path(ckpt).name,
         "metrics": res["metrics"],
         "image_auroc_per_class": per_class_auroc(res["per_image"]),
         "halves": res.get("halves"),
         "train_wall_seconds": train_seconds,
         "epochs_run": history[-1]["epoch"],
         "seconds_per_epoch": sorted(h["seconds"] for h in history)[len(history) // 2],
+        "validation": [{"epoch": h["epoch"], **h["val"]} for h in history if "val" in h],
+        "choice": json.loads(choice.read_text())
+        if (choice := run_dir / "choice.json").is_file()
+        else None,
         "protocol": res["protocol"],
     }
     write_result(out, result)

@@ -42,6 +42,7 @@ def test_f1_threshold_separates_labelled_sets() -> None:
 def test_checkpoint_without_calibration_still_predicts_raw(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "f", n_good=6)
     ckpt = kdad.train(
+        model="rd",
         data=data / "good",
         epochs=1,
         batch_size=3,
@@ -83,6 +84,7 @@ def _train_on_parts(tmp_path: Path, **settings) -> Path:
     """One epoch on 12 good parts, 4 of them held out for calibration."""
     data = make_folder(tmp_path / "f", n_good=12)
     return kdad.train(
+        model="rd",
         data=data / "good",
         epochs=1,
         batch_size=4,

@@ -83,6 +83,8 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         str(run),
         "--holdout",
         "0.25",
+        "--precision",
+        "fp32",
         "--no-progress",
         *OPTIONS.get(model, []),
     )
@@ -181,7 +183,13 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
 def test_python_api_matches_cli_outputs(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "f", n_good=8, n_bad=3)
     ckpt = kdad.train(
-        data=data, epochs=1, batch_size=4, image_size=64, out=tmp_path / "r", progress=False
+        model="rd",
+        data=data,
+        epochs=1,
+        batch_size=4,
+        image_size=64,
+        out=tmp_path / "r",
+        progress=False,
     )
     det = kdad.load(ckpt)
     files = sorted((data / "defect").glob("*.png"))

@@ -101,7 +101,7 @@ def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path: Path) -> 
     above. Resuming a 2-rank run under torchrun reproduces the unbroken 2-rank run bit for bit."""
     data = make_mvtec(tmp_path / "data", n_train=18)
     common = ["--data", str(data), "--batch-size", "8", "--image-size", "64", "--val-every", "1"]
-    common += ["--no-progress"]
+    common += ["--model", "rd", "--precision", "fp32", "--no-progress"]
     runs = {}
     for name, extra in [("one", []), ("two", ["--nproc", "2"])]:
         r = _kdad("train", *common, "--epochs", "2", "--out", str(tmp_path / name), *extra)

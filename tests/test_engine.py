@@ -22,7 +22,10 @@ from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import native_bf16
 from kdad.engine.fit import fit
 from kdad.engine.schedule import (
+    auto_epochs,
+    checkpoint_interval,
     learning_rate,
+    plan_message,
     should_stop,
     stale_validations,
     validation_interval,
@@ -34,6 +37,8 @@ from kdad.models import Phase
 def _cfg(data: Path, out: Path, epochs: int) -> RunConfig:
     return apply_overrides(
         RunConfig(),
+        model="rd",
+        precision="fp32",
         data=data,
         out=out,
         epochs=epochs,
@@ -64,6 +69,10 @@ def test_resume_equals_unbroken_run(mvtec: Path, tmp_path: Path) -> None:
 def test_resume_after_kill(mvtec: Path, tmp_path: Path) -> None:
     """A run killed with SIGKILL after its first checkpoint resumes to the unbroken result."""
     args = [
+        "--model",
+        "rd",
+        "--precision",
+        "fp32",
         "--data",
         str(mvtec),
         "--epochs",
@@ -134,6 +143,7 @@ def test_auto_size_and_precision_are_chosen_said_and_saved(tmp_path: Path, capsy
         save(tmp_path / "tall" / f"{i}.png", rng.integers(90, 110, (200, 50), dtype=np.uint8))
     cfg = apply_overrides(
         RunConfig(),
+        model="rd",
         data=tmp_path / "tall",
         out=tmp_path / "r",
         epochs=1,
@@ -222,8 +232,12 @@ def test_relative_data_path_is_stored_absolute(mvtec: Path, tmp_path: Path, monk
 
 
 def test_validation_interval_and_stopping_rule() -> None:
-    assert validation_interval(3, 2) == 3  # set: as given
-    assert [validation_interval(0, s) for s in (1, 2, 39, 40, 43, 500)] == [40, 20, 2, 1, 1, 1]
+    assert validation_interval(3, 2, 100, 4) == 3  # set: as given
+    # early stopping: as often as checkpoints, every 40 steps' worth of epochs
+    assert [checkpoint_interval(s) for s in (1, 2, 39, 40, 43, 500)] == [40, 20, 2, 1, 1, 1]
+    assert [validation_interval(0, s, 100, 4) for s in (1, 2, 43)] == [40, 20, 1]
+    assert validation_interval(0, 43, 56, 0) == 56  # a fixed schedule: once, at the end
+    assert [auto_epochs(s) for s in (43, 2, 5000)] == [56, 1200, 1]  # about 2400 steps
     vals = [0.1, 0.3, 0.2, 0.3, 0.25]  # epochs 1-5; the best is epoch 2 (a tie is no better)
     history = [{"epoch": e + 1, "val": {"pixel_ap": v}} for e, v in enumerate(vals)]
     history.insert(2, {"epoch": 2.5})  # an epoch without validation counts for nothing
@@ -300,7 +314,8 @@ def test_training_stops_when_validation_stops_improving(mvtec: Path, tmp_path: P
 
 
 def test_train_says_its_plan_and_expected_time(mvtec: Path, tmp_path: Path) -> None:
-    args = ["--data", str(mvtec), "--epochs", "3", "--batch-size", "2", "--image-size", "32"]
+    args = ["--data", str(mvtec), "--model", "rd", "--epochs", "3", "--batch-size", "2"]
+    args += ["--image-size", "32"]
     proc = subprocess.run(
         [sys.executable, "-m", "kdad", "train", *args, "--out", str(tmp_path / "r")],
         capture_output=True,
@@ -308,12 +323,15 @@ def test_train_says_its_plan_and_expected_time(mvtec: Path, tmp_path: Path) -> N
     )
     assert proc.returncode == 0, proc.stderr
     # 8 good images, 1 held out: 7 to fit in batches of 2 -> 4 steps an epoch (the last of 1
-    # image is dropped: 3), validated every 40 steps' worth of epochs, and at the last.
-    assert "rd on 7 images: at most 3 epochs x 3 steps = 9 steps; validation on 1 held-out " in (
+    # image is dropped: 3); a fixed schedule (no early stopping) validates once, at the end.
+    assert "rd on 7 images: 3 epochs x 3 steps = 9 steps; validation on 1 held-out images at " in (
         proc.stderr
     )
-    assert "every 14 epochs, stopping after 4 without a better pixel_ap" in proc.stderr
-    assert re.search(r"kdad: \d+\.\d\d s a step, \S+ an epoch: at most \S+ more", proc.stderr)
+    assert re.search(r"kdad: \d+\.\d\d s a step, \S+ an epoch: \d\S* more", proc.stderr)
+    # with early stopping: every 40 steps' worth of epochs, and "at most"
+    early = plan_message("rd", 7, 1, 30, 3, checkpoint_interval(3), 4, "pixel_ap")
+    assert "at most 30 epochs x 3 steps = 90 steps" in early
+    assert "every 14 epochs, stopping after 4 without a better pixel_ap" in early
 
 
 def test_teacher_features_cached_once_train_as_computed(mvtec: Path, tmp_path: Path) -> None:

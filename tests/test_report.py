@@ -23,6 +23,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     data = make_mvtec(root / "data", n_train=12, n_good=4, n_bad=4)
     ckpt = kdad.train(
+        model="rd",
         data=data,
         epochs=2,
         batch_size=4,

@@ -81,6 +81,7 @@ def test_a_state_dict_from_before_the_weights_loads_as_the_plain_sum() -> None:
 def test_training_fits_the_weights_and_recalibration_refits_them(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "f", n_good=12)
     ckpt = kdad.train(
+        model="rd",
         data=data / "good",
         epochs=1,
         batch_size=4,

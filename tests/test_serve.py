@@ -34,6 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("serve")
     data = make_mvtec(root / "data", n_train=16, n_good=4, n_bad=4)
     kdad.train(
+        model="rd",
         data=data,
         epochs=10,  # 30 steps: past the point where the outcome hangs on float rounding
         batch_size=4,

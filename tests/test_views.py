@@ -12,6 +12,7 @@ from PIL import Image
 
 from kdad.data.dataset import TrainSet, choose_size, input_hw, preprocess, squash_advice
 from kdad.data.layouts import Sample, find_samples
+from kdad.engine.checkpoint import load_checkpoint
 from kdad.errors import KdadError
 from kdad.synth.datasets import SyntheticTrainSet, SyntheticValidationSet
 
@@ -181,9 +182,11 @@ def test_synthetic_defects_on_a_non_square_input(tmp_path: Path) -> None:
         assert item["mask"].any()
 
 
-def tall_part(rng: np.random.Generator, crack_row: int | None = None) -> np.ndarray:
-    """A 256x64 (height x width) striped part, uint8 gray; a 1-pixel dark crack across it."""
-    y, x = np.mgrid[:256, :64]
+def tall_part(
+    rng: np.random.Generator, crack_row: int | None = None, height: int = 256
+) -> np.ndarray:
+    """A ``height`` x 64 striped part, uint8 gray; a 1-pixel dark crack across it."""
+    y, x = np.mgrid[:height, :64]
     phase = rng.uniform(0, 2 * np.pi)
     img = 0.5 + 0.2 * np.sin(2 * np.pi * (x + 2 * y) / 16 + phase) + rng.normal(0, 0.02, y.shape)
     if crack_row is not None:
@@ -210,6 +213,7 @@ def test_tall_part_with_a_thin_crack_trains_and_predicts_at_its_aspect(tmp_path:
         mask[row] = 255
         save(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
     ckpt = kdad.train(
+        model="rd",
         data=root,
         image_size=[256, 64],
         epochs=10,
@@ -241,6 +245,7 @@ def test_an_input_size_the_stages_cannot_use_is_a_clear_error(tmp_path: Path) ->
     root = make_mvtec(tmp_path / "d", n_train=4)
     with pytest.raises(KdadError, match=r"image_size 96x96 does not suit .* multiples of 64"):
         kdad.train(
+            model="rd",
             data=root,
             stages=["stage3", "stage5", "stage6"],
             image_size=96,
@@ -263,3 +268,37 @@ def test_shipped_recipe_loads_by_name_and_unknown_names_say_what_exists(tmp_path
         load_config("granite")
     (tmp_path / "own.yaml").write_text("train:\n  epochs: 3\n")
     assert load_config(tmp_path / "own.yaml").train.epochs == 3
+
+
+def test_default_size_keeps_a_long_parts_aspect_and_finds_the_crack_a_square_misses(
+    tmp_path: Path,
+) -> None:
+    """With no size given, 1024x64 striped parts train at 1024x64 (16:1 at 256x256's pixel
+    count), and a one-pixel crack across each is found, where it is. At 256x256 the same parts
+    are squashed 4x in height, the crack fades to a quarter of its contrast in the stripes, and
+    good parts outscore cracked ones. (RD: the size is the subject, and it trains fastest.)"""
+    import kdad
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "long"
+    for i in range(12):
+        save(root / "train" / "good" / f"{i:03d}.png", tall_part(rng, height=1024))
+    rows = []
+    for i in range(6):
+        save(root / "test" / "good" / f"{i:03d}.png", tall_part(rng, height=1024))
+        rows.append(int(rng.integers(100, 900)))
+        save(root / "test" / "crack" / f"{i:03d}.png", tall_part(rng, rows[-1], height=1024))
+        mask = np.zeros((1024, 64), np.uint8)
+        mask[rows[-1]] = 255
+        save(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
+    settings = dict(data=root, model="rd", epochs=10, batch_size=4, progress=False)
+    ckpt = kdad.train(out=tmp_path / "auto", precision="fp32", **settings)
+    assert load_checkpoint(ckpt)["config"]["data"]["image_size"] == [1024, 64]
+    found = kdad.evaluate(ckpt)["metrics"]["image_auroc"]
+    det = kdad.load(ckpt, device="cpu")
+    for i, row in enumerate(rows):
+        amap = det.predict([root / "test" / "crack" / f"{i:03d}.png"])[0].anomaly_map
+        assert abs(int(amap.mean(1).argmax()) - row) <= 12, (i, row)
+    square = kdad.train(out=tmp_path / "square", precision="fp32", image_size=256, **settings)
+    missed = kdad.evaluate(square)["metrics"]["image_auroc"]
+    assert found == 1.0 and missed <= 0.9, (found, missed)  # measured: 1.0 and 0.75

@@ -17,6 +17,8 @@ from typing import Any
 from kdad.config import RunConfig, apply_overrides, load_config
 from kdad.data.layouts import SPLITS, detect_layout, find_samples
 from kdad.detector import Detector, Prediction, recalibrate
+from kdad.engine.choose import AUTO as CHOOSE
+from kdad.engine.choose import fit_auto
 from kdad.engine.distributed import describe_machine
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import fit
@@ -42,6 +44,8 @@ def train(
     cfg = apply_overrides(cfg, **overrides)
     if not resume and not cfg.data.path:
         raise KdadError("no training data: give data=PATH (--data)")
+    if cfg.model.name == CHOOSE:
+        return fit_auto(cfg, resume=resume, progress=progress)
     return fit(cfg, resume=resume, progress=progress)
 
 

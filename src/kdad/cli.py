@@ -97,6 +97,16 @@ def _size(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"not auto or a number of pixels: {value!r}") from None
 
 
+def _epochs(value: str) -> int | str:
+    """--epochs: ``auto`` or a number of epochs."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not auto or a number of epochs: {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdad", description="Defect detection by knowledge distillation."
@@ -106,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on good images")
     _data_args(t, required=False, several=True)
     _jobs_arg(t, "categories")
-    t.add_argument("--model", help="method (default rd)")
+    t.add_argument(
+        "--model",
+        help="method, or auto (default): the STU-Seg student chosen from your good images",
+    )
     t.add_argument("--backbone", help="teacher (default efficientnet_lite0)")
     t.add_argument("--stages", nargs="+", help="teacher stages feeding distillation")
     t.add_argument("--weights", help="local teacher weight file")
@@ -118,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a model option (see docs/models.md), YAML value; repeatable",
     )
-    t.add_argument("--epochs", type=int, help="the most epochs (100); early stopping ends sooner")
+    t.add_argument(
+        "--epochs", type=_epochs, help="epochs, or auto (default): as many as make 2400 steps"
+    )
     t.add_argument("--batch-size", type=int)
     t.add_argument(
         "--image-size",
@@ -145,20 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--val-every",
         type=int,
-        help="epochs between validations (0: every epoch, or enough epochs for 40 steps)",
+        help="epochs between validations (0: at the end; with --patience, every 40 steps' worth)",
     )
     t.add_argument("--select", help="validation metric choosing best.pt (pixel_ap)")
     t.add_argument(
         "--patience",
         type=int,
-        help="stop after this many validations without a better --select (4); 0: never",
+        help="stop after this many validations without a better --select; 0 (default): never",
     )
     t.add_argument(
         "--precision",
         choices=["fp32", "bf16", "auto"],
-        help="fp32 (default), or bf16: training steps in bfloat16 autocast, faster on CPUs "
-        "with native bf16 (AVX512-BF16, AMX) and on GPUs, slower elsewhere; testing stays fp32; "
-        "auto: bf16 where native, else fp32",
+        help="auto (default): bf16 where the device has it natively, else fp32; bf16: training "
+        "steps in bfloat16 autocast, faster on CPUs with native bf16 (AVX512-BF16, AMX) and on "
+        "GPUs, slower elsewhere; testing stays fp32",
     )
     t.add_argument(
         "--teacher-cache-gb",

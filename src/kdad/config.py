@@ -34,7 +34,9 @@ class DataConfig:
 class ModelConfig:
     """Which method, which teacher, and the method's own options (see its ``Options``)."""
 
-    name: str = "rd"
+    # a method (models.MODELS), or auto: the STU-Seg student chosen from the part's good images
+    # (engine.choose)
+    name: str = "auto"
     backbone: str = "efficientnet_lite0"
     stages: list[str] | None = None  # teacher stages feeding distillation; None = backbone default
     weights: str | None = None  # local teacher weight file; None = package or download cache
@@ -43,10 +45,11 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: RD's official optimiser, on a schedule sized for a CPU (at most ``epochs``,
-    stopping once ``patience`` validations in a row have not beaten the best one)."""
+    """Optimisation: RD's official optimiser on a fixed schedule (``epochs``; with ``patience``,
+    stopping once that many validations in a row have not beaten the best one)."""
 
-    epochs: int = 100  # the most epochs; early stopping usually ends sooner
+    # epochs, or auto: as many as make 2400 optimiser steps (engine.schedule.STEPS)
+    epochs: int | str = "auto"
     batch_size: int = 16
     lr: float = 0.005
     lr_schedule: str = "constant"  # constant (RD's official) | cosine: to ~0 by each phase's end
@@ -55,14 +58,15 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    val_every: int = 0  # epochs between validations; 0 = every epoch or VAL_STEPS steps' worth
+    # epochs between validations; 0 = once at the end (patience 0), else VAL_STEPS steps' worth
+    val_every: int = 0
     select: str = "pixel_ap"  # validation metric choosing the epoch kept as best.pt
-    patience: int = 4  # validations without a better ``select`` before stopping; 0 = never stop
+    patience: int = 0  # validations without a better ``select`` before stopping; 0 = never stop
     teacher_cache_gb: float = 2.0  # memory for the teacher's features when inputs repeat; 0 = off
     image_cache_gb: float = 2.0  # memory for the decoded, resized training images; 0 = off
     # fp32 | bf16: training's forward in bfloat16 autocast (weights fp32) | auto: bf16 where the
     # device has native bfloat16, else fp32
-    precision: str = "fp32"
+    precision: str = "auto"
 
 
 @dataclass

@@ -118,6 +118,7 @@ def load_grid(path: str | Path) -> Grid:
 def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; returns its summary (also in metrics.json)."""
     from kdad.api import evaluate
+    from kdad.engine.choose import AUTO, fit_auto
     from kdad.engine.fit import fit
 
     done = job.out / "metrics.json"
@@ -137,7 +138,10 @@ def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str
     )
     cfg.model.options = dict(job.model.get("options") or {})
     resume = (job.out / "checkpoint.pt").is_file()
-    ckpt = fit(cfg, resume=resume, progress=progress)
+    if cfg.model.name == AUTO:
+        ckpt = fit_auto(cfg, resume=resume or job.out.is_dir(), progress=progress)
+    else:
+        ckpt = fit(cfg, resume=resume, progress=progress)
     state = load_checkpoint(job.out / "checkpoint.pt")
     res = evaluate(ckpt, out=None)
     res["training"] = {

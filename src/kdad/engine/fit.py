@@ -46,6 +46,8 @@ from kdad.engine.lock import run_lock
 from kdad.engine.schedule import (
     LR_SCHEDULES,
     Pace,
+    auto_epochs,
+    checkpoint_interval,
     learning_rate,
     phase_at,
     phase_warnings,
@@ -94,7 +96,7 @@ def datasets(
     validation set made from the held-out fraction (``data.holdout``) with synthetic defects;
     None when nothing is held out."""
     d = cfg.data
-    fit_samples, held = training_samples(d)
+    fit_samples = training_samples(d)[0]
     spec = get_spec(cfg.model.backbone)
     cache = cfg.train.image_cache_gb * 2**30
     images = TrainSet(
@@ -106,8 +108,18 @@ def datasets(
     barrier()
     if not main:
         train = model.train_set(images, Path(cfg.out), False)
-    val = SyntheticValidationSet(held, d.image_size, spec.mean, spec.std) if held else None
-    return train, val
+    return train, validation_set(cfg)
+
+
+def validation_set(cfg: RunConfig, draws: int = 1) -> SyntheticValidationSet | None:
+    """The held-out good training images of ``cfg.data``, each also with ``draws`` synthetic
+    defects; None when nothing is held out."""
+    d = cfg.data
+    held = training_samples(d)[1]
+    spec = get_spec(cfg.model.backbone)
+    if not held:
+        return None
+    return SyntheticValidationSet(held, d.image_size, spec.mean, spec.std, draws=draws)
 
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -139,19 +151,21 @@ def _loader(ds: TrainSet, cfg: RunConfig, epoch: int, r: Rank) -> DataLoader:
     )
 
 
-def fit(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, pause: float = 1.0) -> Path:
     """Train ``cfg`` into ``cfg.out``; returns the checkpoint to use: ``best.pt`` (the epoch
     scoring best on the synthetic validation set) when images were held out, else
     ``checkpoint.pt`` (the last epoch, also the one that ``resume`` continues).
 
     An existing run folder is never overwritten: continue it with ``resume=True`` (its saved
-    config wins, except that ``train.epochs`` may be raised) or choose another ``out``. While
-    training, the folder is locked (rank 0 holds it): a second process is refused.
+    config wins, except that ``train.epochs`` may be raised, and it stays where it is now) or
+    choose another ``out``. While training, the folder is locked (rank 0 holds it): a second
+    process is refused. ``pause`` < 1 stops after that share of the schedule's epochs, with a
+    checkpoint that ``resume`` continues exactly (``engine.choose`` probes students so).
     """
     if not current().main:
-        return _fit(cfg, resume, progress)
+        return _fit(cfg, resume, progress, pause)
     with run_lock(Path(cfg.out)):
-        return _fit(cfg, resume, progress)
+        return _fit(cfg, resume, progress, pause)
 
 
 @dataclass
@@ -179,13 +193,13 @@ class _Run:
         return [str(s.path) for s in self.val.samples] if self.val else []
 
 
-def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
+def _fit(cfg: RunConfig, resume: bool, progress: bool, pause: float) -> Path:
     cfg, state = _start(cfg, resume)
     run = _setup(cfg, state, progress)
     t, r, say = cfg.train, run.r, progress and run.r.main
     steps = len(_loader(run.ds, cfg, 0, r))
-    every = validation_interval(t.val_every, steps)
-    keep = validation_interval(0, steps)  # checkpoint cadence: every VAL_STEPS steps' worth
+    every = validation_interval(t.val_every, steps, t.epochs, t.patience)
+    keep = checkpoint_interval(steps)
     _warn(run, steps, state is None)
     if say:
         held = len(run.val.samples) if run.val else 0
@@ -194,9 +208,11 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
             tqdm.write(line, file=sys.stderr)
     # a resumed run that had already stopped early trains no further
     last = run.start if should_stop(run.history, run.best, t.patience) else t.epochs
+    if pause < 1:
+        last = min(last, max(1, round(pause * t.epochs)))
     if last > run.start:
         _fill_cache(run, say)
-    pace = Pace(steps, t.epochs * steps - run.start * steps)
+    pace = Pace(steps, t.epochs * steps - run.start * steps, t.patience > 0 and run.val is not None)
     bar = tqdm(
         total=t.epochs * steps,
         initial=run.start * steps,
@@ -211,7 +227,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool) -> Path:
                 break
             continue
         due = (epoch + 1) % every == 0 or epoch + 1 == t.epochs
-        save = (epoch + 1) % keep == 0 or epoch + 1 == t.epochs
+        save = (epoch + 1) % keep == 0 or epoch + 1 in (last, t.epochs)
         if _end_epoch(run, epoch, entry, due and phase_at(run.phases, epoch).scoring, save, bar):
             if say:
                 tqdm.write(stop_message(epoch + 1, run.history, run.best), file=sys.stderr)
@@ -228,16 +244,18 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
         if not ckpt_path.is_file():
             raise KdadError(f"{ckpt_path}: nothing to resume")
         state = load_checkpoint(ckpt_path)
-        epochs = cfg.train.epochs
+        epochs, out = cfg.train.epochs, cfg.out
         cfg = RunConfig.from_dict(state["config"], str(ckpt_path))
-        cfg.train.epochs = max(epochs, cfg.train.epochs)
+        cfg.out = out  # a run folder moved since goes on where it is
+        if isinstance(epochs, int):
+            cfg.train.epochs = max(epochs, cfg.train.epochs)
     elif ckpt_path.exists():
         raise KdadError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
     t = cfg.train
-    if t.epochs < 1 or t.batch_size < 1 or t.val_every < 0 or t.patience < 0:
-        raise KdadError(
-            "epochs and batch size must be at least 1, val_every and patience at least 0"
-        )
+    if t.epochs != AUTO and (not isinstance(t.epochs, int) or t.epochs < 1):
+        raise KdadError(f"epochs must be a number of at least 1 or {AUTO!r}, got {t.epochs!r}")
+    if t.batch_size < 1 or t.val_every < 0 or t.patience < 0:
+        raise KdadError("batch size must be at least 1, val_every and patience at least 0")
     if t.select not in METRIC_NAMES:
         raise KdadError(f"select must be a metric: one of {', '.join(METRIC_NAMES)}")
     if t.lr_schedule not in LR_SCHEDULES:
@@ -267,8 +285,13 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
     notes = _choose(cfg, model, device)
     if r.main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     ds, val = datasets(cfg, model, progress and r.main)
+    if t.epochs == AUTO:
+        steps = len(_loader(ds, cfg, 0, r))
+        t.epochs = auto_epochs(steps)
+        notes.append(f"kdad: {t.epochs} epochs, chosen: {t.epochs * steps} optimiser steps")
+    if r.main:
+        save_config(cfg, out / "config.yaml")
     if state is not None:
         load_weights(model, state)
     check_input_size(model, ds.size, device)

@@ -12,13 +12,30 @@ if TYPE_CHECKING:
 
 LR_SCHEDULES = ("constant", "cosine")
 VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
+# train.epochs: auto trains this many optimiser steps (batch 16), whatever the set's size: on
+# Magnetic Tile (43 steps an epoch) and battery-weld (2) test metrics still rose to about here,
+# while the synthetic validation had flattened long before (docs/benchmarks.md, issue 29)
+STEPS = 2400
 
 
-def validation_interval(val_every: int, steps_per_epoch: int) -> int:
-    """Epochs between validations: ``val_every`` when set, else (0) every epoch when an epoch
-    has ``VAL_STEPS`` steps or more, or as many epochs as make ``VAL_STEPS`` steps (a small set,
-    two steps an epoch, validates every 20 epochs: patience then means the same work anywhere)."""
-    return val_every or max(1, math.ceil(VAL_STEPS / max(steps_per_epoch, 1)))
+def checkpoint_interval(steps_per_epoch: int) -> int:
+    """Epochs between checkpoints: every epoch when an epoch has ``VAL_STEPS`` steps or more,
+    else as many epochs as make ``VAL_STEPS`` steps (a set of two steps an epoch: every 20)."""
+    return max(1, math.ceil(VAL_STEPS / max(steps_per_epoch, 1)))
+
+
+def validation_interval(val_every: int, steps_per_epoch: int, epochs: int, patience: int) -> int:
+    """Epochs between validations: ``val_every`` when set; else (0) once, at the end, for a
+    fixed schedule (``patience`` 0: nothing to stop and the last epoch is kept), or, for early
+    stopping, as often as checkpoints (patience then means the same work on any set)."""
+    if val_every:
+        return val_every
+    return epochs if patience == 0 else checkpoint_interval(steps_per_epoch)
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """``train.epochs: auto``: the epochs that make about ``STEPS`` optimiser steps."""
+    return max(1, round(STEPS / max(steps_per_epoch, 1)))
 
 
 def phase_at(phases: list[Phase], epoch: int) -> Phase:
@@ -93,23 +110,28 @@ def plan_message(
     select: str,
 ) -> str:
     """What a run is about to do, in one line."""
-    text = f"kdad: {model} on {images} images: at most {epochs} epochs x {steps} steps = "
+    most = "at most " if patience and held else ""
+    text = f"kdad: {model} on {images} images: {most}{epochs} epochs x {steps} steps = "
     text += f"{epochs * steps} steps"
     if not held:
         return text + "; no held-out images: no validation, no early stopping"
-    text += f"; validation on {held} held-out images every {every} epoch{'s' * (every > 1)}"
+    when = "at the end" if every >= epochs else f"every {every} epoch{'s' * (every > 1)}"
+    text += f"; validation on {held} held-out images {when}"
     if patience:
         text += f", stopping after {patience} without a better {select}"
     return text
 
 
-def eta_message(seconds_per_step: float, steps_left: int, steps_per_epoch: int) -> str:
-    """The expected time, from the pace measured so far."""
-    return (
+def eta_message(
+    seconds_per_step: float, steps_left: int, steps_per_epoch: int, early: bool = False
+) -> str:
+    """The expected time, from the pace measured so far (``early``: a run that may stop early)."""
+    text = (
         f"kdad: {seconds_per_step:.2f} s a step, {duration(seconds_per_step * steps_per_epoch)} "
-        f"an epoch: at most {duration(seconds_per_step * steps_left)} more, plus validations "
-        "(early stopping usually ends sooner)"
+        f"an epoch: {'at most ' * early}{duration(seconds_per_step * steps_left)} more, "
+        "plus validations"
     )
+    return text + " (early stopping usually ends sooner)" * early
 
 
 class Pace:
@@ -118,8 +140,8 @@ class Pace:
 
     WARMUP, MEASURED = 1, 5
 
-    def __init__(self, steps_per_epoch: int, steps_left: int) -> None:
-        self.per_epoch, self.left, self.done = steps_per_epoch, steps_left, 0
+    def __init__(self, steps_per_epoch: int, steps_left: int, early: bool = False) -> None:
+        self.per_epoch, self.left, self.done, self.early = steps_per_epoch, steps_left, 0, early
         self.tic = time.perf_counter()
 
     def step(self) -> str | None:
@@ -130,4 +152,4 @@ class Pace:
         if self.done != self.WARMUP + self.MEASURED:
             return None
         pace = (time.perf_counter() - self.tic) / self.MEASURED
-        return eta_message(pace, self.left - self.done, self.per_epoch)
+        return eta_message(pace, self.left - self.done, self.per_epoch, self.early)

@@ -24,6 +24,21 @@ MODELS: dict[str, type[KDModel]] = {
     "dest_ddpm": DeSTDDPM,
 }
 
+# model.name auto (the default, engine.choose): the candidate students, in order of preference
+# on a tie. STU-Seg at width 16: without skips on strides 4-32, kdad's best on textured tiles
+# (its output comes through a stride-32 bottleneck, so a defect cannot be copied through), and
+# with skips on strides 4-16, its best on welds (sharper maps); docs/benchmarks.md, issue 29.
+CANDIDATES: dict[str, ModelConfig] = {
+    "deep": ModelConfig(
+        name="stu_seg",
+        stages=["stage2", "stage3", "stage5", "stage6"],
+        options={"skips": False, "width": 16},
+    ),
+    "skips": ModelConfig(
+        name="stu_seg", stages=["stage2", "stage3", "stage5"], options={"width": 16}
+    ),
+}
+
 
 def build_model(
     name: str,
@@ -34,6 +49,8 @@ def build_model(
     weights: str | None = None,
 ) -> KDModel:
     """Instantiate a registered model, checking its options against the model's dataclass."""
+    if name == "auto":  # a choice between models, made by kdad.train (engine.choose)
+        raise KdadError("model auto is chosen by kdad.train (engine.choose.fit_auto): name a model")
     if name not in MODELS:
         raise KdadError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     cls = MODELS[name]
@@ -60,6 +77,7 @@ def absolute_options(m: ModelConfig) -> dict:
 
 
 __all__ = [
+    "CANDIDATES",
     "MODELS",
     "KDModel",
     "Output",

@@ -18,8 +18,9 @@ from kdad.synth.perlin import synthesize
 
 
 class SyntheticValidationSet(ImageDataset):
-    """Held-out good images, each twice: as it is (label 0) and with a synthetic Perlin defect
-    (label 1, its mask). The defects are fixed by ``seed``: the same set every epoch and run."""
+    """Held-out good images, each once as it is (label 0) and ``draws`` times with a synthetic
+    Perlin defect (label 1, its mask). The defects are fixed by ``seed``: the same set every
+    epoch and run."""
 
     def __init__(
         self,
@@ -28,12 +29,13 @@ class SyntheticValidationSet(ImageDataset):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         seed: int = 0,
+        draws: int = 1,
     ) -> None:
         super().__init__(samples, image_size, mean, std)
-        self.seed = seed
+        self.seed, self.draws = seed, draws
 
     def __len__(self) -> int:
-        return 2 * len(self.samples)
+        return (1 + self.draws) * len(self.samples)
 
     def good(self) -> Subset:
         """The held-out good images as they are (the first half)."""
