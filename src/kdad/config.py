@@ -131,8 +131,8 @@ def recipe_names() -> list[str]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run config, or a shipped recipe by name (``magnetic_tile``); a missing file or
-    bad key is a one-line error."""
+    """Read a YAML run config, or a shipped recipe by name (``magnetic_tile_stu``); a missing
+    file or bad key is a one-line error."""
     path = Path(path)
     if not path.exists() and path.suffix == "" and (RECIPES / f"{path}.yaml").is_file():
         path = RECIPES / f"{path}.yaml"

@@ -67,6 +67,8 @@ def fit_auto(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pat
         for name in CANDIDATES:
             c = candidate(cfg, name)
             ckpt = Path(c.out) / "checkpoint.pt"
+            if progress and main:
+                tqdm.write(probe_message(name, c), file=sys.stderr)
             fit(c, resume=ckpt.is_file(), progress=progress, pause=PROBE)
             scores[name] = validate(ckpt)
         chosen = broadcast(
@@ -122,6 +124,16 @@ def validate(checkpoint: Path) -> dict[str, float | None]:
     load_weights(model, state)
     fit_normal(model, val.good(), cfg.train.batch_size)
     return evaluate_model(model, val, cfg.train.batch_size).metrics()
+
+
+def probe_message(name: str, c: RunConfig) -> str:
+    """The line that says which candidate is probed, and for how long."""
+    m = c.model
+    options = ", ".join(f"{k} {v}" for k, v in m.options.items())
+    return (
+        f"kdad: candidate {name!r} ({m.name}, stages {' '.join(m.stages or [])}, {options}): "
+        f"the first {PROBE:.0%} of its schedule, then the choice"
+    )
 
 
 def choice_message(chosen: str, scores: dict[str, dict[str, Any]]) -> str:
