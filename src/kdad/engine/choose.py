@@ -26,7 +26,7 @@ from tqdm import tqdm
 from kdad.config import RunConfig
 from kdad.data.layouts import training_samples
 from kdad.engine.checkpoint import load_checkpoint, load_weights
-from kdad.engine.distributed import barrier, broadcast, current
+from kdad.engine.distributed import barrier, broadcast, current, resolve_device
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.fit import fit, validation_set
 from kdad.engine.infer import fit_normal
@@ -120,7 +120,7 @@ def validate(checkpoint: Path) -> dict[str, float | None]:
     cfg = RunConfig.from_dict(state["config"], str(checkpoint))
     val = validation_set(cfg, DRAWS)
     assert val is not None  # fit_auto checked that images are held out
-    model = model_from_config(cfg.model, pretrained=False)
+    model = model_from_config(cfg.model, pretrained=False).to(resolve_device(cfg.train.device))
     load_weights(model, state)
     fit_normal(model, val.good(), cfg.train.batch_size)
     return evaluate_model(model, val, cfg.train.batch_size).metrics()
