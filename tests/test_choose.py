@@ -13,6 +13,7 @@ from conftest import make_mvtec, save
 
 import kdad
 from kdad.config import RunConfig, apply_overrides
+from kdad.engine import choose
 from kdad.engine.checkpoint import load_checkpoint
 from kdad.engine.choose import candidate, fit_auto, rank
 from kdad.engine.fit import fit
@@ -55,6 +56,31 @@ def test_auto_keeps_the_better_candidate_and_trains_it_as_if_alone(tmp_path: Pat
     assert [h["loss"] for h in ref["history"]] == [h["loss"] for h in state["history"]]
     # and it tests like any run
     assert kdad.evaluate(ckpt)["metrics"]["image_auroc"] is not None
+
+
+def test_auto_resumed_after_its_first_probe_ends_as_an_unbroken_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the first candidate's probe, ``kdad train --resume --out RUN`` (no data
+    named: the probe's config has it) finishes the choice and the run as if never stopped."""
+    data = make_mvtec(tmp_path / "d", n_train=12)
+    whole = fit_auto(_cfg(data, tmp_path / "whole"), progress=False)
+
+    def killed_after_a_probe(c: RunConfig, **kwargs: object) -> Path:
+        fit(c, **kwargs)  # the probe runs and writes its checkpoint; then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(choose, "fit", killed_after_a_probe)
+    with pytest.raises(KeyboardInterrupt):
+        fit_auto(_cfg(data, tmp_path / "cut"), progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    cut = kdad.train(out=tmp_path / "cut", resume=True, progress=False)
+    a, b = load_checkpoint(whole), load_checkpoint(cut)
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["config"]["model"] == b["config"]["model"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
 
 
 def test_auto_refuses_settings_it_chooses_and_existing_folders(tmp_path: Path) -> None:

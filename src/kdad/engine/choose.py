@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kdad.config import RunConfig
+from kdad.config import RunConfig, load_config, save_config
 from kdad.data.layouts import training_samples
 from kdad.engine.checkpoint import load_checkpoint, load_weights
 from kdad.engine.distributed import barrier, broadcast, current, resolve_device
@@ -50,6 +50,9 @@ def fit_auto(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pat
     out = Path(cfg.out)
     if resume and (out / "checkpoint.pt").is_file():  # chosen already
         return fit(cfg, resume=True, progress=progress)
+    if resume and (out / "config.yaml").is_file():  # the request, saved when the choice began
+        cfg = load_config(out / "config.yaml")
+        cfg.out = str(out)
     if cfg.model.stages is not None or cfg.model.options:
         raise KdadError(
             "model auto chooses its own stages and options: name a model (--model NAME) to set them"
@@ -63,6 +66,9 @@ def fit_auto(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pat
     with run_lock(out) if main else nullcontext():
         if main and not resume and any(f.name != ".lock" for f in out.iterdir()):
             raise KdadError(f"{out} exists: pass --resume to continue it, or another --out")
+        if main and not (out / "config.yaml").is_file():  # what a resumed choice goes on with
+            cfg.data.path = str(Path(cfg.data.path).resolve())
+            save_config(cfg, out / "config.yaml")
         scores = {}
         for name in CANDIDATES:
             c = candidate(cfg, name)
