@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from kdad.config import RunConfig, apply_overrides, load_config
+from kdad.data.dataset import AUTO
 from kdad.data.layouts import SPLITS, detect_layout, find_samples
 from kdad.detector import Detector, Prediction, recalibrate
-from kdad.engine.choose import AUTO as CHOOSE
 from kdad.engine.choose import fit_auto
 from kdad.engine.distributed import describe_machine
 from kdad.engine.evaluate import evaluate_model
@@ -44,7 +44,7 @@ def train(
     cfg = apply_overrides(cfg, **overrides)
     if not resume and not cfg.data.path:
         raise KdadError("no training data: give data=PATH (--data)")
-    if cfg.model.name == CHOOSE:
+    if cfg.model.name == AUTO:  # the student chosen from the good images
         return fit_auto(cfg, resume=resume, progress=progress)
     return fit(cfg, resume=resume, progress=progress)
 

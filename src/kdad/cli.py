@@ -8,6 +8,7 @@ import io
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,24 +88,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _size(value: str) -> int | str:
-    """One --image-size word: ``auto`` or a number of pixels."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not auto or a number of pixels: {value!r}") from None
+def _auto_or(unit: str) -> Callable[[str], int | str]:
+    """An argparse type: the word ``auto`` or a whole number of ``unit``."""
 
+    def parse(value: str) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not auto or a number of {unit}: {value!r}") from None
 
-def _epochs(value: str) -> int | str:
-    """--epochs: ``auto`` or a number of epochs."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not auto or a number of epochs: {value!r}") from None
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model option (see docs/models.md), YAML value; repeatable",
     )
     t.add_argument(
-        "--epochs", type=_epochs, help="epochs, or auto (default): as many as make 2400 steps"
+        "--epochs",
+        type=_auto_or("epochs"),
+        help="epochs, or auto (default): as many as make 2400 steps",
     )
     t.add_argument("--batch-size", type=int)
     t.add_argument(
         "--image-size",
-        type=_size,
+        type=_auto_or("pixels"),
         nargs="+",
         metavar="SIZE",
         help="auto (default: 256x256, or the training images' aspect when they share one that "

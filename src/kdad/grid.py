@@ -118,7 +118,8 @@ def load_grid(path: str | Path) -> Grid:
 def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; returns its summary (also in metrics.json)."""
     from kdad.api import evaluate
-    from kdad.engine.choose import AUTO, fit_auto
+    from kdad.data.dataset import AUTO
+    from kdad.engine.choose import fit_auto
     from kdad.engine.fit import fit
 
     done = job.out / "metrics.json"

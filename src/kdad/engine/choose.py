@@ -35,7 +35,6 @@ from kdad.errors import KdadError
 from kdad.files import atomic_write
 from kdad.models import CANDIDATES, model_from_config
 
-AUTO = "auto"  # model.name that asks for the choice (the default)
 PROBE = 0.25  # share of the schedule each candidate trains before the choice
 DRAWS = 4  # synthetic defects drawn on each held-out good image for the choice
 # what decides, in order: image AUROC ranked the candidates as the test sets did on both
@@ -124,7 +123,7 @@ def validate(checkpoint: Path) -> dict[str, float | None]:
     does; the run itself is untouched)."""
     state = load_checkpoint(checkpoint)
     cfg = RunConfig.from_dict(state["config"], str(checkpoint))
-    val = validation_set(cfg, DRAWS)
+    val = validation_set(cfg, training_samples(cfg.data)[1], DRAWS)
     assert val is not None  # fit_auto checked that images are held out
     model = model_from_config(cfg.model, pretrained=False).to(resolve_device(cfg.train.device))
     load_weights(model, state)

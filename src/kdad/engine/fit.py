@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kdad.backbones import get_spec
 from kdad.config import RunConfig, save_config
 from kdad.data.dataset import AUTO, TrainSet, check_image_size, choose_size, squash_advice
-from kdad.data.layouts import training_samples
+from kdad.data.layouts import Sample, training_samples
 from kdad.engine.calibrate import calibrate
 from kdad.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from kdad.engine.distributed import (
@@ -96,7 +96,7 @@ def datasets(
     validation set made from the held-out fraction (``data.holdout``) with synthetic defects;
     None when nothing is held out."""
     d = cfg.data
-    fit_samples = training_samples(d)[0]
+    fit_samples, held = training_samples(d)
     spec = get_spec(cfg.model.backbone)
     cache = cfg.train.image_cache_gb * 2**30
     images = TrainSet(
@@ -108,18 +108,18 @@ def datasets(
     barrier()
     if not main:
         train = model.train_set(images, Path(cfg.out), False)
-    return train, validation_set(cfg)
+    return train, validation_set(cfg, held)
 
 
-def validation_set(cfg: RunConfig, draws: int = 1) -> SyntheticValidationSet | None:
-    """The held-out good training images of ``cfg.data``, each also with ``draws`` synthetic
-    defects; None when nothing is held out."""
-    d = cfg.data
-    held = training_samples(d)[1]
-    spec = get_spec(cfg.model.backbone)
+def validation_set(
+    cfg: RunConfig, held: list[Sample], draws: int = 1
+) -> SyntheticValidationSet | None:
+    """The ``held`` out good training images, at ``cfg``'s size and teacher normalisation,
+    each also with ``draws`` synthetic defects; None when nothing is held out."""
     if not held:
         return None
-    return SyntheticValidationSet(held, d.image_size, spec.mean, spec.std, draws=draws)
+    spec = get_spec(cfg.model.backbone)
+    return SyntheticValidationSet(held, cfg.data.image_size, spec.mean, spec.std, draws=draws)
 
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:

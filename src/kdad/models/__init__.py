@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from kdad.config import ModelConfig
+from kdad.data.dataset import AUTO
 from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output, Phase
 from kdad.models.bsdrd import BSDRD
@@ -49,7 +50,7 @@ def build_model(
     weights: str | None = None,
 ) -> KDModel:
     """Instantiate a registered model, checking its options against the model's dataclass."""
-    if name == "auto":  # a choice between models, made by kdad.train (engine.choose)
+    if name == AUTO:  # a choice between models, made by kdad.train (engine.choose)
         raise KdadError("model auto is chosen by kdad.train (engine.choose.fit_auto): name a model")
     if name not in MODELS:
         raise KdadError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

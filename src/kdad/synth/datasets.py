@@ -38,7 +38,7 @@ class SyntheticValidationSet(ImageDataset):
         return (1 + self.draws) * len(self.samples)
 
     def good(self) -> Subset:
-        """The held-out good images as they are (the first half)."""
+        """The held-out good images as they are (the first ``len(samples)`` items)."""
         return Subset(self, range(len(self.samples)))
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
