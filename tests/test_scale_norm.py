@@ -12,6 +12,7 @@ from conftest import make_folder
 import kdad
 from kdad.data.layouts import Sample
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.errors import KdadError
 from kdad.models import build_model
 from kdad.models.distill import Distiller, scale_maps
 
@@ -66,6 +67,24 @@ def test_scale_norm_off_keeps_the_published_plain_sum() -> None:
         t = model.teacher(x)
         plain = model.blur(sum(scale_maps(t, model.student(t), (64, 64))))
         assert torch.equal(model(x).anomaly_map, plain)
+
+
+@pytest.mark.parametrize("name", DISTILLERS)
+def test_map_stages_leave_a_scale_out_of_the_map(name: str) -> None:
+    model = _model(name, map_stages=["layer2", "layer3"])
+    x = torch.randn(3, 3, 64, 64)
+    model.fit_normal([x])
+    assert (model.scale_weights != 1).all()  # every scale is still fitted (and trained)
+    full = _model(name)
+    full.load_state_dict(model.state_dict())
+    full.scale_weights[0] = 0.0  # the same map, with layer1 weighted out instead
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).anomaly_map, full(x).anomaly_map)
+        assert not torch.allclose(model(x).anomaly_map, _model(name)(x).anomaly_map)
+    assert model.score_rule.endswith("the map sums layer2, layer3")
+    for bad in (["layer4"], []):
+        with pytest.raises(KdadError, match="map_stages must be some of the model's stages"):
+            _model(name, map_stages=bad)
 
 
 def test_a_state_dict_from_before_the_weights_loads_as_the_plain_sum() -> None:

@@ -33,7 +33,7 @@ CANDIDATES: dict[str, ModelConfig] = {
     "deep": ModelConfig(
         name="stu_seg",
         stages=["stage2", "stage3", "stage5", "stage6"],
-        options={"skips": False, "width": 16},
+        options={"skips": False, "width": 16, "map_stages": ["stage3", "stage5", "stage6"]},
     ),
     "skips": ModelConfig(
         name="stu_seg", stages=["stage2", "stage3", "stage5"], options={"width": 16}

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output
 from kdad.models.layers import GaussianBlur, cosine_distance_map
 
@@ -50,6 +51,7 @@ class MapOptions:
 
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, pixels
     scale_norm: bool = True  # each scale's map divided by its mean on held-out good images
+    map_stages: list[str] | None = None  # teacher stages the map sums (None: all); all train
 
 
 class Distiller(KDModel):
@@ -63,10 +65,19 @@ class Distiller(KDModel):
     shallow one whose features are noisy on a texture, would otherwise drown the others: on
     Magnetic Tile's dev half this raised pixel AUROC by 3-5 points at the same image AUROC
     (docs/benchmarks.md). Checkpoints saved before the buffer existed load with weights 1.
+
+    Option ``map_stages`` leaves scales out of the map while the student still learns them: a
+    shallow scale can teach the student's first levels yet only add texture noise to a map
+    (the default's ``deep`` student on Magnetic Tile, docs/benchmarks.md).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        stages = self.teacher.stages
+        keep = stages if self.opt.map_stages is None else list(self.opt.map_stages)
+        if not keep or set(keep) - set(stages):
+            raise KdadError(f"map_stages must be some of the model's stages {stages}, got {keep}")
+        self.map_scales = [i for i, n in enumerate(stages) if n in keep]  # indices summed
         self.blur = GaussianBlur(self.opt.sigma)
         self.register_buffer("scale_weights", torch.ones(len(self.teacher.channels)))  # (S,)
         self.register_load_state_dict_pre_hook(_unit_weights_if_missing)
@@ -89,14 +100,17 @@ class Distiller(KDModel):
 
     @property
     def score_rule(self) -> str:
-        return f"max of the anomaly map (Gaussian-smoothed, sigma {self.opt.sigma:g})"
+        rule = f"max of the anomaly map (Gaussian-smoothed, sigma {self.opt.sigma:g})"
+        if self.opt.map_stages is None:
+            return rule
+        return f"{rule}; the map sums {', '.join(self.opt.map_stages)}"
 
     def output(self, teacher: list[Tensor], student: list[Tensor], x: Tensor) -> Output:
         """The eval output for input ``x`` (B, 3, H, W): smoothed map (B, H, W), its max."""
         maps = scale_maps(teacher, student, tuple(x.shape[-2:]))
         if self._normal_means is not None:
             self._normal_means.append(torch.stack([m.mean((1, 2)) for m in maps], 1))  # (B, S)
-        amap = self.blur(sum(w * m for w, m in zip(self.scale_weights, maps)))
+        amap = self.blur(sum(self.scale_weights[i] * maps[i] for i in self.map_scales))
         return Output(amap, amap.flatten(1).amax(1))
 
 
