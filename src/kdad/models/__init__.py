@@ -27,8 +27,9 @@ MODELS: dict[str, type[KDModel]] = {
 
 # model.name auto (the default, engine.choose): the candidate students, in order of preference
 # on a tie. STU-Seg at width 16: without skips on strides 4-32, kdad's best on textured tiles
-# (its output comes through a stride-32 bottleneck, so a defect cannot be copied through), and
-# with skips on strides 4-16, its best on welds (sharper maps); docs/benchmarks.md, issue 29.
+# (its output comes through a stride-32 bottleneck, so a defect cannot be copied through; the
+# map leaves out stride 4, where a tile's texture is noise), and with skips on strides 4-16,
+# its best on welds (sharper maps); docs/benchmarks.md, issue 29.
 CANDIDATES: dict[str, ModelConfig] = {
     "deep": ModelConfig(
         name="stu_seg",
