@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
 from kdad.data.layouts import Sample, find_samples, mtd_dev_names, mtd_key
-from kdad.metrics import image_auroc
 
 
 def provenance() -> dict[str, Any]:
@@ -66,14 +64,6 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**_AT_START, **result}, indent=2))
     print(f"wrote {path}")
-
-
-def class_image_auroc(
-    scores: np.ndarray, labels: np.ndarray, defect: np.ndarray
-) -> dict[str, float]:
-    """Per defect class, the image AUROC of its images against all good ones."""
-    keep = {c: (defect == c) | (labels == 0) for c in sorted(set(defect[labels == 1]))}
-    return {c: image_auroc(scores[sel], labels[sel]) for c, sel in keep.items()}
 
 
 def checkpoint_parser(doc: str) -> argparse.ArgumentParser:

@@ -18,11 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
+from common import checkpoint_parser, mtd_half, write_result
 
 from kdad.data.layouts import training_samples
 from kdad.detector import Detector
-from kdad.metrics import compute_metrics
+from kdad.metrics import compute_metrics, per_class_image_auroc
 from kdad.models.distill import scale_maps
 from kdad.models.layers import GaussianBlur
 
@@ -68,7 +68,7 @@ def main() -> None:
     result = {}
     for name, (scores, amap) in rows.items():
         m = compute_metrics(scores, labels, amap, o["masks"])
-        per = class_image_auroc(scores, labels, defect)
+        per = per_class_image_auroc(scores, labels, defect)
         result[name] = {"metrics": m, "per_class": per}
         cells = [
             f"{k} {100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")

@@ -16,7 +16,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "iap")
 
 def row(path: Path, half: str) -> str:
     r = json.loads(path.read_text())
-    h = r["halves"][half]
+    h = (r.get("subsets") or r["halves"])[half]  # "halves": files from before 2026-12-06
     m, pc = h["metrics"], h["image_auroc_per_class"]
     cells = [f"{100 * m[k]:.1f}" for k in METRICS] + [f"{100 * pc[c]:.0f}" for c in CLASSES]
     minutes = r["train_wall_seconds"] / 60

@@ -26,7 +26,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
-from rd_mtd import per_class_auroc
 from seeds_table import CLASSES, METRICS, cell
 
 import kdad
@@ -53,8 +52,9 @@ def one(job: dict[str, Any]) -> str:
         "settings": job["settings"],
         "checkpoint": Path(ckpt).name,
         "metrics": res["metrics"],
-        "image_auroc_per_class": per_class_auroc(res["per_image"]),
-        "halves": res.get("halves"),
+        "image_auroc_per_class": res["image_auroc_per_class"],
+        "subsets": res["subsets"],
+        "reported": res["reported"],
         "train_wall_seconds": train_seconds,
         "epochs_run": history[-1]["epoch"],
         "seconds_per_epoch": sorted(h["seconds"] for h in history)[len(history) // 2],
@@ -65,7 +65,7 @@ def one(job: dict[str, Any]) -> str:
         "protocol": res["protocol"],
     }
     write_result(out, result)
-    m = (res.get("halves") or {}).get("dev", {}).get("metrics") or res["metrics"]
+    m = res["subsets"].get("dev", {}).get("metrics") or res["metrics"]
     auroc = m["image_auroc"]
     return f"{job['name']} s{job['seed']}: image AUROC {auroc:.3f} ({train_seconds:.0f} s)"
 
@@ -77,11 +77,14 @@ def table(folder: Path, half: str) -> str:
     for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
         rows.setdefault(r["name"], []).append(r)
-    mtd = any(r.get("halves") for runs in rows.values() for r in runs)
+    for runs in rows.values():
+        for r in runs:  # files from before the subsets were named so: "halves"
+            r.setdefault("subsets", r.pop("halves", None) or {})
+    mtd = any(r["subsets"] for runs in rows.values() for r in runs)
     head = ["run", "seeds", *METRICS, *(CLASSES if mtd else ()), "train min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in rows.items():
-        parts = [r["halves"][half] if r.get("halves") else r for r in runs]
+        parts = [r["subsets"][half] if r["subsets"] else r for r in runs]
         cells = [cell([p["metrics"][m] for p in parts]) for m in METRICS]
         if mtd:
             per = [p.get("image_auroc_per_class", {}) for p in parts]

@@ -26,17 +26,16 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import class_image_auroc, write_result
+from common import write_result
 
 from kdad.data.layouts import (
+    declared_subsets,
     detect_layout,
     find_samples,
-    mtd_dev_names,
-    mtd_key,
     training_samples,
 )
 from kdad.detector import Detector
-from kdad.metrics import compute_metrics
+from kdad.metrics import compute_metrics, per_class_image_auroc
 from kdad.models.distill import scale_maps
 from kdad.models.layers import GaussianBlur
 
@@ -79,12 +78,7 @@ def main() -> None:
     masks = np.stack([ds[i]["mask"].numpy() > 0.5 for i in range(len(ds))])
     labels = np.array([s.label for s in samples])
     defect = np.array([s.defect for s in samples])
-    if layout == "mtd":
-        dev = mtd_dev_names()
-        in_dev = np.array([mtd_key(s.path) in dev for s in samples])
-        halves = {"dev": in_dev, "final": ~in_dev}
-    else:
-        halves = {"all": np.ones(len(samples), bool)}
+    halves = declared_subsets(layout, samples)[0] or {"all": np.ones(len(samples), bool)}
     n_scales = raw.shape[1]
     subsets = {
         "all": list(range(n_scales)),
@@ -104,7 +98,9 @@ def main() -> None:
                 if top != TOPS[0]:  # pixel metrics do not depend on the score
                     m = {k: v for k, v in m.items() if k.startswith("image")}
                 row[half] = m
-                row[half + "_per_class"] = class_image_auroc(scores[sel], labels[sel], defect[sel])
+                row[half + "_per_class"] = per_class_image_auroc(
+                    scores[sel], labels[sel], defect[sel]
+                )
             rows.append(row)
             shown = {k: round(v, 4) for k, v in row[next(iter(halves))].items() if v}
             print(sub, norm, sigma, top, shown, flush=True)

@@ -55,7 +55,7 @@ def main() -> None:
         )
         res = kdad.evaluate(run / "checkpoint.pt", out=run / f"test_e{epochs}")
         history = torch.load(run / "checkpoint.pt", weights_only=True)["history"]
-        halves = res["halves"]
+        halves = res["subsets"]
         points.append(
             {
                 "epoch": epochs,

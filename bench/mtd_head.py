@@ -24,12 +24,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
+from common import checkpoint_parser, mtd_half, write_result
 
 from kdad.data.dataset import TrainSet
 from kdad.data.layouts import training_samples
 from kdad.detector import Detector
-from kdad.metrics import compute_metrics
+from kdad.metrics import compute_metrics, per_class_image_auroc
 from kdad.models.layers import kaiming_init
 from kdad.models.seghead import SegHead, head_loss, head_output
 from kdad.synth.perlin import perlin_mask, perlin_noise, synthesize
@@ -149,7 +149,7 @@ def main() -> None:
     result = {}
     for name, (scores, amap) in rows.items():
         m = compute_metrics(scores, labels, amap, o["mask"] > 0.5)
-        per = class_image_auroc(scores, labels, defect)
+        per = per_class_image_auroc(scores, labels, defect)
         result[name] = {"metrics": m, "per_class": per}
         keys = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "iap")
         cells = [f"{k} {100 * m[k]:.1f}" for k in keys]

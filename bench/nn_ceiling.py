@@ -25,12 +25,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import class_image_auroc, mtd_half, write_result
+from common import mtd_half, write_result
 
 from kdad.backbones import get_spec
 from kdad.data.dataset import ImageDataset
 from kdad.data.layouts import find_samples
-from kdad.metrics import compute_metrics
+from kdad.metrics import compute_metrics, per_class_image_auroc
 from kdad.models.layers import GaussianBlur
 from kdad.models.teacher import Teacher
 
@@ -82,7 +82,7 @@ def main() -> None:
     scores = amap.reshape(n, -1).max(1)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
-    per = class_image_auroc(scores, labels, defect)
+    per = per_class_image_auroc(scores, labels, defect)
     m = compute_metrics(scores, labels, amap, masks.numpy() > 0.5)
     cells = [f"{k} {100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")]
     cells += [f"{c} {100 * v:.0f}" for c, v in per.items()]

@@ -27,7 +27,6 @@ from common import parse_sets, write_result
 
 import kdad
 from kdad.data.io import read_image
-from kdad.metrics import image_auroc
 
 
 def throughput(det: kdad.Detector, images: list[np.ndarray], batch: int, repeats: int) -> float:
@@ -37,18 +36,6 @@ def throughput(det: kdad.Detector, images: list[np.ndarray], batch: int, repeats
     for _ in range(repeats):
         det.predict(images, batch_size=batch)
     return repeats * len(images) / (time.perf_counter() - tic)
-
-
-def per_class_auroc(per_image: list[dict]) -> dict[str, float | None]:
-    """Image AUROC of the good test images against each defect class alone."""
-    good = [r for r in per_image if r["label"] == 0]
-    out = {}
-    for defect in sorted({r["defect"] for r in per_image} - {"good"}):
-        rows = good + [r for r in per_image if r["defect"] == defect]
-        out[defect] = image_auroc(
-            np.array([r["score"] for r in rows]), np.array([r["label"] for r in rows])
-        )
-    return out
 
 
 def main() -> None:
@@ -105,7 +92,7 @@ def main() -> None:
         "benchmark": "rd_mtd",
         "settings": vars(args),
         "metrics": res["metrics"],
-        "image_auroc_per_class": per_class_auroc(res["per_image"]),
+        "image_auroc_per_class": res["image_auroc_per_class"],
         "counts": res["counts"],
         "train_wall_seconds": train_seconds,
         "epochs_run": history[-1]["epoch"],
@@ -120,8 +107,7 @@ def main() -> None:
         },
         "protocol": res["protocol"],
     }
-    if "halves" in res:
-        result["halves"] = res["halves"]
+    result["subsets"] = res["subsets"]
     write_result(args.out, result)
     print(
         json.dumps(

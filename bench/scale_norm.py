@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
-from rd_mtd import per_class_auroc
 
 import kdad
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -38,10 +37,9 @@ def variant(ckpt: Path, tmp: Path, normalised: bool) -> dict:
     out = {
         "scale_weights": weights.tolist(),
         "metrics": res["metrics"],
-        "image_auroc_per_class": per_class_auroc(res["per_image"]),
+        "image_auroc_per_class": res["image_auroc_per_class"],
     }
-    if "halves" in res:
-        out["halves"] = res["halves"]
+    out["subsets"] = res["subsets"]
     return out
 
 

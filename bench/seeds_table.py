@@ -42,7 +42,12 @@ def main() -> None:
         runs[f.parts[-4]].append(r)
     if args.out:
         keep = [
-            {"model": f.parts[-4], "seed": f.parts[-2], "halves": r["halves"], **r["training"]}
+            {
+                "model": f.parts[-4],
+                "seed": f.parts[-2],
+                "halves": r.get("subsets") or r["halves"],
+                **r["training"],
+            }
             for f, r in loaded
         ]
         args.out.write_text(json.dumps({"machine": args.machine, "runs": keep}, indent=1))
@@ -50,7 +55,7 @@ def main() -> None:
     print("| " + " | ".join([*head, *CLASSES, "train min"]) + " |")
     print("|" + "---|" * (len(head) + len(CLASSES) + 1))
     for model, rs in runs.items():
-        halves = [r["halves"][args.half] for r in rs]
+        halves = [(r.get("subsets") or r["halves"])[args.half] for r in rs]
         cells = [cell([h["metrics"][k] for h in halves]) for k in METRICS]
         cells += [cell([h["image_auroc_per_class"][c] for h in halves], digits=0) for c in CLASSES]
         cells.append(cell([r["training"]["seconds"] for r in rs], scale=1 / 60, digits=0))

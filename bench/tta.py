@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import checkpoint_parser, class_image_auroc, mtd_half, write_result
+from common import checkpoint_parser, mtd_half, write_result
 
 from kdad.detector import Detector
-from kdad.metrics import compute_metrics
+from kdad.metrics import compute_metrics, per_class_image_auroc
 
 FLIPS: dict[str, tuple[int, ...]] = {"none": (), "h": (-1,), "v": (-2,), "hv": (-2, -1)}
 MEANS = {"none": ("none",), "h+v": ("none", "h", "v"), "all": tuple(FLIPS)}
@@ -54,7 +54,7 @@ def main() -> None:
     for name, parts in MEANS.items():
         amap = np.mean([maps[k] for k in parts], axis=0)  # (N, H, W)
         scores = amap.reshape(len(amap), -1).max(1)
-        per = class_image_auroc(scores, labels, defect)
+        per = per_class_image_auroc(scores, labels, defect)
         rows[name] = {"metrics": compute_metrics(scores, labels, amap, masks), "per_class": per}
         m = rows[name]["metrics"]
         print(

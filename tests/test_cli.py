@@ -290,7 +290,8 @@ def test_mtd_layout_trains_without_split_flag(tmp_path: Path) -> None:
     assert res["counts"]["images"] == 5 and res["protocol"]["layout"] == "mtd"
     assert res["protocol"]["split"].startswith("DifferNet split")
     # settings are chosen on the shipped dev half: its images and the rest, scored apart
-    dev, final = res["halves"]["dev"], res["halves"]["final"]
+    assert res["reported"] == "final" and set(res["subsets"]) == {"dev", "final"}
+    dev, final = res["subsets"]["dev"], res["subsets"]["final"]
     assert (dev["images"], final["images"]) == (2, 3)
     scores = {Path(r["path"]).name: (r["score"], r["label"]) for r in res["per_image"]}
     dev_rows = [v for k, v in scores.items() if not k.startswith("exp9_")]

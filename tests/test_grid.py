@@ -83,25 +83,26 @@ def test_grid_runs_tabulates_and_resumes(tmp_path: Path, capsys) -> None:
     assert "no seed 7 in the grid; seeds: 0, 1" in capsys.readouterr().err
 
 
-def test_rows_report_the_final_half_where_the_test_set_has_one(tmp_path: Path) -> None:
+def test_rows_report_the_subset_the_layout_reports_where_it_declares_one(tmp_path: Path) -> None:
     grid = load_grid(_grid(tmp_path))
     run = {"training": {"best": None, "seconds": 1.0}, "images_per_second": 2.0}
     whole = {m: 0.5 for m in METRIC_NAMES}
 
     def halves(crack: float) -> dict:
         per_class = {"dev": {"Crack": 0.2}, "final": {"Crack": crack, "Fray": 0.7}}
-        return {
+        subsets = {
             h: {"metrics": {m: v for m in METRIC_NAMES}, "image_auroc_per_class": per_class[h]}
             for h, v in (("dev", 0.1), ("final", 0.9))
         }
+        return {"subsets": subsets, "reported": "final"}
 
-    results = {0: {**run, "metrics": whole, "halves": halves(0.8)}, 1: {**run, "metrics": whole}}
-    results[2] = {**run, "metrics": whole, "halves": halves(0.8)}
-    results[3] = {**run, "metrics": whole, "halves": halves(0.6)}
+    results = {0: {**run, "metrics": whole, **halves(0.8)}, 1: {**run, "metrics": whole}}
+    results[2] = {**run, "metrics": whole, **halves(0.8)}
+    results[3] = {**run, "metrics": whole, **halves(0.6)}
     table = summarise(grid, results)
     assert [(r["data"], r["test"], r["image_auroc"][0]) for r in table] == [
-        ("A", "all", 0.5),  # one seed without halves: the whole test set for the row
-        ("B", "final half", 0.9),
+        ("A", "all", 0.5),  # one seed without subsets: the whole test set for the row
+        ("B", "final", 0.9),
     ]
     assert table[0]["per_class"] == {}
     assert table[1]["per_class"]["Crack"] == pytest.approx((0.7, 0.1))  # final half, 2 seeds

@@ -8,22 +8,15 @@ its function, so ``import kdad`` and ``kdad --help`` stay fast.
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kdad.config import RunConfig, apply_overrides, load_config
-from kdad.data.dataset import AUTO
-from kdad.data.layouts import SPLITS, detect_layout, find_samples
 from kdad.detector import Detector, Prediction, recalibrate
-from kdad.engine.choose import fit_auto
-from kdad.engine.distributed import describe_machine
-from kdad.engine.evaluate import evaluate_model
-from kdad.engine.fit import fit
-from kdad.errors import KdadError, KdadWarning
-from kdad.files import atomic_write
+from kdad.engine import choose
+from kdad.errors import KdadError
+from kdad.protocol import evaluate
 
 
 def train(
@@ -44,9 +37,7 @@ def train(
     cfg = apply_overrides(cfg, **overrides)
     if not resume and not cfg.data.path:
         raise KdadError("no training data: give data=PATH (--data)")
-    if cfg.model.name == AUTO:  # the student chosen from the good images
-        return fit_auto(cfg, resume=resume, progress=progress)
-    return fit(cfg, resume=resume, progress=progress)
+    return choose.train(cfg, resume=resume, progress=progress)
 
 
 def _train_one(kwargs: dict[str, Any]) -> Path:
@@ -93,71 +84,6 @@ def train_categories(
 def load(checkpoint: str | Path, device: str = "auto") -> Detector:
     """Load a trained checkpoint (file or run folder) as a Detector."""
     return Detector.load(checkpoint, device)
-
-
-def evaluate(
-    checkpoint: str | Path,
-    data: str | Path | None = None,
-    layout: str | None = None,
-    category: str | None = None,
-    out: str | Path | None = None,
-    batch_size: int = 16,
-    device: str = "auto",
-    save_maps: str | Path | None = None,
-) -> dict[str, Any]:
-    """Score a labelled test set: every metric, the protocol and per-image scores (and on
-    Magnetic Tile, its dev and final halves), also written to OUT/metrics.json; ``save_maps``
-    writes the maps and ground truth to an .npz. Data defaults to the training data's folder."""
-    with warnings.catch_warnings():  # metrics need no calibration
-        warnings.simplefilter("ignore", KdadWarning)
-        det = load(checkpoint, device)
-    d = det.cfg.data
-    root = Path(data) if data else Path(d.path)
-    layout = layout or d.layout
-    if layout == "auto":
-        layout = detect_layout(root)
-    category = category if category is not None else d.category
-    samples = find_samples(root, "test", layout, category, d.normal_dir, d.abnormal_dir, d.mask_dir)
-    ev = evaluate_model(det.model, det.dataset(samples), batch_size)
-    paths = [str(s.path) for s in samples]
-    if save_maps is not None:
-        ev.save(save_maps, paths)
-    result = {
-        "metrics": ev.metrics(),
-        "counts": {
-            "images": len(samples),
-            "defective": int(ev.labels.sum()),
-            "pixel_metric_images": int(ev.has_mask.sum()),
-        },
-        "protocol": {
-            "checkpoint": str(det.checkpoint["path"]),
-            "epoch": det.checkpoint.get("epoch"),
-            "model": det.cfg.model.name,
-            "backbone": det.cfg.model.backbone,
-            "data": str(root),
-            "layout": layout,
-            "category": category,
-            "split": SPLITS[layout],
-            "image_size": d.image_size,
-            "masks": "binarised at half their value range, resized bilinearly, > 0.5",
-            "score": det.model.score_rule,
-            "aupro": "8-connected regions, all test images pooled, integrated to FPR 0.3, / 0.3",
-            "iap": "8-connected instances found when half their pixels >= t; pixel precision",
-        },
-        "machine": describe_machine(det.device),
-        "inference_seconds": ev.seconds,
-        "per_image": [
-            {"path": p, "label": s.label, "defect": s.defect, "score": float(sc)}
-            for p, s, sc in zip(paths, samples, ev.scores)
-        ],
-    }
-    if layout == "mtd":  # settings are chosen on dev and reported on final (docs/benchmarks.md)
-        result["halves"] = ev.halves(samples)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    return result
 
 
 def predict(

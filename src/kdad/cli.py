@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kdad.data.augment import AUGMENTATIONS
+from kdad.data.layouts import LAYOUTS
 from kdad.errors import KdadError
 
 
@@ -39,7 +40,7 @@ def _data_args(p: argparse.ArgumentParser, required: bool, several: bool = False
     p.add_argument("--data", required=required, help="dataset folder")
     p.add_argument(
         "--layout",
-        choices=["auto", "mvtec", "folder", "mtd"],
+        choices=list(LAYOUTS),
         help="folder layout (default: detected)",
     )
     if several:

@@ -117,10 +117,9 @@ def load_grid(path: str | Path) -> Grid:
 
 def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; returns its summary (also in metrics.json)."""
-    from kdad.api import evaluate
     from kdad.data.dataset import AUTO
-    from kdad.engine.choose import fit_auto
-    from kdad.engine.fit import fit
+    from kdad.engine import choose
+    from kdad.protocol import evaluate
 
     done = job.out / "metrics.json"
     if done.is_file():
@@ -139,10 +138,8 @@ def run_job(job: Job, train: dict[str, Any], progress: bool = False) -> dict[str
     )
     cfg.model.options = dict(job.model.get("options") or {})
     resume = (job.out / "checkpoint.pt").is_file()
-    if cfg.model.name == AUTO:
-        ckpt = fit_auto(cfg, resume=resume or job.out.is_dir(), progress=progress)
-    else:
-        ckpt = fit(cfg, resume=resume, progress=progress)
+    auto = cfg.model.name == AUTO  # a choice under way leaves no checkpoint.pt in the run
+    ckpt = choose.train(cfg, resume=resume or (auto and job.out.is_dir()), progress=progress)
     state = load_checkpoint(job.out / "checkpoint.pt")
     res = evaluate(ckpt, out=None)
     res["training"] = {
@@ -161,23 +158,24 @@ def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
 
 
 def summarise(grid: Grid, results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (model, dataset): mean and std over seeds of every metric and cost. Metrics
-    are those of the final half of the test set where it has one (Magnetic Tile: settings are
-    chosen on the dev half), else of the whole; there, too, the image AUROC of each defect class
-    alone against the good images (``per_class``)."""
+    """One row per (model, dataset): mean and std over seeds of every metric and cost, and the
+    image AUROC of each defect class alone against the good images (``per_class``). Metrics are
+    those of the subset of the test set that its layout reports where it declares one
+    (Magnetic Tile: the final half; settings are chosen on the dev half), else of the whole."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for i, job in enumerate(grid.jobs):
         if i in results:
             rows.setdefault(job.row, []).append(results[i])
     table = []
     for (model, data), runs in rows.items():
-        final = all("halves" in r for r in runs)
-        metrics = [r["halves"]["final"]["metrics"] if final else r["metrics"] for r in runs]
+        reported = {r.get("reported", "") for r in runs}
+        part = reported.pop() if len(reported) == 1 else ""  # seeds must agree, else the whole
+        parts = [r["subsets"][part] if part else r for r in runs]
         row: dict[str, Any] = {"model": model, "data": data, "seeds": len(runs)}
-        row["test"] = "final half" if final else "all"
+        row["test"] = part or "all"
         for m in METRIC_NAMES:
-            row[m] = _mean_std([x[m] for x in metrics])
-        classes = [r["halves"]["final"]["image_auroc_per_class"] for r in runs] if final else []
+            row[m] = _mean_std([p["metrics"][m] for p in parts])
+        classes = [p.get("image_auroc_per_class", {}) for p in parts]
         names = sorted({c for pc in classes for c in pc})
         row["per_class"] = {c: _mean_std([pc.get(c) for pc in classes]) for c in names}
         row["val"] = _mean_std([(r["training"]["best"] or {}).get("value") for r in runs])

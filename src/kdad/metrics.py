@@ -64,6 +64,19 @@ def image_f1max(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return best_f1(scores, y)[0] if _both_classes(y) else None
 
 
+def per_class_image_auroc(
+    scores: np.ndarray, labels: np.ndarray, classes: np.ndarray
+) -> dict[str, float | None]:
+    """Per defect class (``classes``: each image's, (N,)), the image AUROC of its images
+    against all the good ones."""
+    labels, classes = np.asarray(labels), np.asarray(classes)
+    out = {}
+    for c in sorted(set(classes[labels == 1].tolist())):
+        rows = (classes == c) | (labels == 0)
+        out[c] = image_auroc(scores[rows], labels[rows])
+    return out
+
+
 @dataclass
 class PixelCurve:
     """Counts at every distinct score of the pooled pixels, from the highest score down.

@@ -151,6 +151,18 @@ def mtd_dev_names() -> set[str]:
     return _shipped_split("mtd_test_dev.txt")
 
 
+def declared_subsets(layout: str, samples: list[Sample]) -> tuple[dict[str, np.ndarray], str]:
+    """The named subsets a layout declares for its test set ``samples`` (each a bool mask
+    (N,)), and the one results tables report ("" for the whole set). Magnetic Tile: ``dev``,
+    where settings are chosen, and ``final``, where they are reported (kdad's shipped split,
+    ``mtd_dev_names``); the other layouts declare none."""
+    if layout != "mtd":
+        return {}, ""
+    dev = mtd_dev_names()
+    in_dev = np.array([mtd_key(s.path) in dev for s in samples], bool)
+    return {"dev": in_dev, "final": ~in_dev}, "final"
+
+
 def _mtd(root: Path, split: str) -> list[Sample]:
     train = mtd_train_names()
     free = [p for p in _images(root / "MT_Free" / "Imgs") if p.suffix.lower() == ".jpg"]

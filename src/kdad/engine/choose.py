@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kdad.config import RunConfig, load_config, save_config
+from kdad.data.dataset import AUTO
 from kdad.data.layouts import training_samples
 from kdad.engine.checkpoint import load_checkpoint, load_weights
 from kdad.engine.distributed import barrier, broadcast, current, resolve_device
@@ -40,6 +41,13 @@ DRAWS = 4  # synthetic defects drawn on each held-out good image for the choice
 # what decides, in order: image AUROC ranked the candidates as the test sets did on both
 # Magnetic Tile and battery-weld; pixel AP on Perlin blobs did not on battery-weld
 RANK_BY = ("image_auroc", "pixel_ap")
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train a run: its model (``engine.fit``), or with model auto the student chosen here."""
+    if cfg.model.name == AUTO:
+        return fit_auto(cfg, resume=resume, progress=progress)
+    return fit(cfg, resume=resume, progress=progress)
 
 
 def fit_auto(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:

@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdad.data.layouts import Sample, mtd_dev_names, mtd_key
 from kdad.engine.infer import infer
 from kdad.errors import KdadError
 from kdad.files import atomic_write
-from kdad.metrics import compute_metrics, image_auroc
+from kdad.metrics import compute_metrics, per_class_image_auroc
 from kdad.models import KDModel
 
 
@@ -37,24 +36,16 @@ class Evaluation:
         maps, masks = (self.maps, self.masks) if keep.all() else (self.maps[keep], self.masks[keep])
         return compute_metrics(self.scores[sel], self.labels[sel], maps, masks)
 
-    def halves(self, samples: list[Sample]) -> dict[str, dict[str, Any]]:
-        """Magnetic Tile's dev and final halves of the test set (kdad's shipped split): every
-        metric, and image AUROC of the good images against each defect class alone."""
-        dev = mtd_dev_names()
-        in_dev = np.array([mtd_key(s.path) in dev for s in samples])
-        defect = np.array([s.defect for s in samples])
-        out = {}
-        for half, sel in (("dev", in_dev), ("final", ~in_dev)):
-            per_class = {}
-            for c in sorted(set(defect[sel & (self.labels == 1)])):
-                rows = sel & ((defect == c) | (self.labels == 0))
-                per_class[c] = image_auroc(self.scores[rows], self.labels[rows])
-            out[half] = {
-                "images": int(sel.sum()),
-                "metrics": self.metrics(sel),
-                "image_auroc_per_class": per_class,
-            }
-        return out
+    def summary(self, sel: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+        """The images ``sel`` (bool (N,)): their count, every metric, and the image AUROC of the
+        good ones against each defect class alone (``classes``: each image's, (N,))."""
+        return {
+            "images": int(sel.sum()),
+            "metrics": self.metrics(sel),
+            "image_auroc_per_class": per_class_image_auroc(
+                self.scores[sel], self.labels[sel], classes[sel]
+            ),
+        }
 
     def save(self, path: str | Path, paths: list[str]) -> None:
         """An .npz anyone can recompute every metric from: maps, masks, labels, scores, paths."""

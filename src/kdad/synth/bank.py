@@ -12,6 +12,7 @@ from PIL import Image
 from kdad.data.layouts import Sample
 from kdad.errors import KdadError
 from kdad.files import atomic_write
+from kdad.page import html_page, img_tag, png_uri
 
 
 def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, Path]]:
@@ -39,8 +40,6 @@ def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, 
 def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Path:
     """``folder``/gallery.html from a `kdad synth sample` folder: each of the first ``top``
     defects beside its clean source and its mask."""
-    from kdad.report import html_page, img_tag, png_uri  # the report's page and figures
-
     folder = Path(folder)
     with open(folder / "synthetic.csv", newline="") as f:
         rows = list(csv.DictReader(f))[:top]
