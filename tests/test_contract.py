@@ -43,10 +43,9 @@ class Toy(KDModel):
         k = self.opt.kernel
         self.heads = nn.ModuleList(nn.Conv2d(3, c, k) for c in self.teacher.channels)
 
-    def forward(self, x: Tensor) -> Pair | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Pair | Output:
         """(B, 3, H, W) -> train: teacher and student features; eval: Output."""
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teach(x, teacher)
         s = [head(F.adaptive_avg_pool2d(x, f.shape[-2:])) for head, f in zip(self.heads, t)]
         if self.training:
             return Pair(t, s)

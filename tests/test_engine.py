@@ -345,15 +345,15 @@ def test_teacher_features_cached_once_train_as_computed(mvtec: Path, tmp_path: P
     ds = TrainSet(find_samples(mvtec, "train"), 64, (0.5,) * 3, (0.25,) * 3)
     cache = build_cache(model.teacher, ds, torch.device("cpu"), 2**30)
     assert cache is not None and cache.feats[0].shape[0] == len(ds)
-    model.teacher.cache = cache
     idx = torch.tensor([5, 0, 3])
+    x = torch.stack([ds[i]["image"] for i in idx.tolist()])
     with torch.no_grad():
-        fresh = model.teacher(torch.stack([ds[i]["image"] for i in idx.tolist()]))
-        cache.give(idx)
-        given = model.teacher(torch.zeros(3, 3, 64, 64))  # the input is not looked at
-    assert cache.take() is None  # given once, taken once
+        fresh = model.teacher(x)
+    given = model.teach(x, cache.features(idx))  # looked up by the batch's own indices
     for a, b in zip(fresh, given):  # ~1e-6 of the largest feature apart (batching, layout)
         assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    with pytest.raises(KdadError, match=r"teacher features of \[2\] images given for a batch of 3"):
+        model.teach(x, cache.features(idx[:2]))  # another batch's features are refused
     assert build_cache(model.teacher, ds, torch.device("cpu"), 1000) is None  # over budget
 
     cached = fit(_cfg(mvtec, tmp_path / "cached", 3), progress=False)

@@ -15,13 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kdad"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "files", "metrics", "page", "config"),
     ("data", "backbones", "synth.perlin", "synth.ddpm"),
-    (
-        "engine.checkpoint",
-        "engine.distributed",
-        "engine.pool",
-        "engine.lock",
-        "engine.teacher_cache",
-    ),
+    ("engine.checkpoint", "engine.distributed", "engine.pool", "engine.lock"),
     ("synth",),
     ("models",),
     ("engine",),

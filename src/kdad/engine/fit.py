@@ -356,7 +356,6 @@ def _fill_cache(run: _Run, say: bool) -> None:
     if gb <= 0 or not teacher_eligible(run.ds):
         return
     run.cache = build_cache(run.model.teacher, run.ds, run.device, gb * 2**30)
-    run.model.teacher.cache = run.cache
     if say and run.cache is not None:
         tqdm.write(
             f"kdad: teacher features of the {len(run.ds)} training images computed once "
@@ -377,10 +376,9 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
     sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank
     for batch in _loader(run.ds, run.cfg, epoch, run.r):
         batch = {k: _to(v, run.device) for k, v in batch.items()}
-        if run.cache is not None:
-            run.cache.give(batch["index"])
+        given = None if run.cache is None else run.cache.features(batch["index"])
         with torch.autocast(run.device.type, torch.bfloat16, enabled=t.precision == "bf16"):
-            parts = run.model.loss(batch, run.net(batch["image"]))
+            parts = run.model.loss(batch, run.net(batch["image"], given))
         run.opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         run.opt.step()

@@ -4,7 +4,8 @@ When a model's training inputs are the same every epoch (no augmentation, no syn
 defects), its teacher would compute the same features again each epoch: on a CPU about 40% of
 a distillation step. The cache runs the teacher once over the training set, in index order and
 fixed batches (so a resumed run gets exactly the features an unbroken one had), and the
-training loop hands each batch's features to the teacher in place of running it.
+training loop looks up each batch's features by its images' indices and passes them to the
+model with the batch (``KDModel.teach``).
 """
 
 from __future__ import annotations
@@ -19,26 +20,18 @@ CHUNK = 16  # images per teacher pass while filling the cache
 
 
 class TeacherCache:
-    """Per-stage features (N, C, h, w) of the N training images; ``give(indices)`` makes the
-    teacher's next call return those images' features instead of computing them."""
+    """Per-stage features (N, C, h, w) of the N training images, looked up by index."""
 
     def __init__(self, feats: list[Tensor]) -> None:
         self.feats = feats
-        self.pending: Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.feats)
 
-    def give(self, indices: Tensor) -> None:
-        """The teacher's next call answers for these images (dataset indices, (B,))."""
-        self.pending = indices
-
-    def take(self) -> list[Tensor] | None:
-        """The pending images' features, once; None when nothing was given."""
-        if self.pending is None:
-            return None
-        idx, self.pending = self.pending.to(self.feats[0].device), None
+    def features(self, indices: Tensor) -> list[Tensor]:
+        """The features of these images (dataset indices, (B,)): each (B, C, h, w)."""
+        idx = indices.to(self.feats[0].device)
         return [f[idx].contiguous(memory_format=torch.channels_last) for f in self.feats]
 
 

@@ -12,9 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from kdad.data.dataset import TrainSet
+from kdad.errors import KdadError
 from kdad.models.teacher import Teacher
 
 
@@ -56,6 +58,18 @@ class KDModel(nn.Module):
         super().__init__()
         self.opt = options or self.Options()
         self.teacher = Teacher(backbone, stages, pretrained, weights)
+
+    def teach(self, x: Tensor, given: list[Tensor] | None = None) -> list[Tensor]:
+        """The frozen teacher's features of ``x`` (B, 3, H, W), shallowest first, without
+        gradients: ``given``, the features of this very batch that the training loop looked up
+        by its images' indices (engine/teacher_cache.py), or else computed."""
+        if given is None:
+            with torch.no_grad():
+                return self.teacher(x)
+        if any(f.shape[0] != x.shape[0] for f in given):
+            sizes = sorted({f.shape[0] for f in given})
+            raise KdadError(f"teacher features of {sizes} images given for a batch of {len(x)}")
+        return given
 
     @property
     def score_rule(self) -> str:

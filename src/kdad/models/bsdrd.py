@@ -98,10 +98,9 @@ class BSDRD(RD):
             return [(a + b) / 2 for a, b in zip(struct, detail)]
         return [g(a, b) for g, a, b in zip(self.gates, struct, detail)]
 
-    def forward(self, x: Tensor) -> Dual | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Dual | Output:
         """(B, 3, H, W) -> train: Dual; eval: Output."""
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teach(x, teacher)
         struct, detail = self.students(t)
         s = self.blend(struct, detail)
         if self.training:

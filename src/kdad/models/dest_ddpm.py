@@ -107,12 +107,13 @@ class DeSTDDPM(KDModel):
             out.append(x)
         return out[::-1]
 
-    def forward(self, x: Tensor) -> Denoised | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Denoised | Output:
         """(B, 3, H, W) -> train: Denoised; eval: Output."""
         if self.training and self.phase != "head":
             return Denoised(self.student(x), None)
+        t = self.teach(x, teacher)
         with torch.no_grad():
-            t, s = self.teacher(x), self.student(x)
+            s = self.student(x)
         logits = self.head.segment(t, s)
         if self.training:
             return Denoised(s, logits)

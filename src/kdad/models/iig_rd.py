@@ -62,10 +62,9 @@ class IIGRD(RD):
         mixed = sim.div(self.opt.temperature).softmax(-1) @ self.prototypes  # (B, hw, D)
         return mixed.transpose(1, 2).reshape(b, d, h, w)
 
-    def forward(self, x: Tensor) -> Guided | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Guided | Output:
         """(B, 3, H, W) -> train: Guided; eval: Output."""
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teach(x, teacher)
         e = self.embed(t)  # (B, D, h, w)
         g = self.guide(e) if self.prototypes is not None else e
         s = decode(self.decoder, g)

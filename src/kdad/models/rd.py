@@ -91,10 +91,9 @@ class RD(Distiller):
         """Decoder features, shallowest first, matching the teacher's list."""
         return decode(self.decoder, self.embed(feats))
 
-    def forward(self, x: Tensor) -> Pair | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Pair | Output:
         """(B, 3, H, W) -> train: teacher and student features; eval: Output."""
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teach(x, teacher)
         s = self.student(t)
         if self.training:
             return Pair(t, s)

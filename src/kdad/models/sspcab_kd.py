@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from kdad.backbones import build_backbone
@@ -72,10 +71,9 @@ class SSPCABKD(Distiller):
             feats[-1] = self.sspcab(x)
         return feats, x
 
-    def forward(self, x: Tensor) -> Attentive | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Attentive | Output:
         """(B, 3, H, W) -> train: Attentive; eval: Output."""
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teach(x, teacher)
         s, pre = self.students(x)
         if self.training:
             return Attentive(t, s, pre)

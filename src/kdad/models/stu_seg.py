@@ -146,11 +146,10 @@ class STUSeg(Distiller):
             dec[j] = x
         return [head(dec[j]) for head, j in zip(self.heads, self.levels)]
 
-    def forward(self, x: Tensor) -> Pair | Logits | Output:
+    def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Pair | Logits | Output:
         """(B, 3, H, W) -> train: teacher and student features, or the head's logits in its
         phase; eval: Output."""
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teach(x, teacher)
         if self.head is not None and (self.phase == "head" or not self.training):
             with torch.no_grad():
                 s = self.student(x)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor, nn
 
 from kdad.backbones import build_backbone, get_spec
 from kdad.errors import KdadError
-
-if TYPE_CHECKING:
-    from kdad.engine.teacher_cache import TeacherCache
 
 
 class Teacher(nn.Module):
@@ -31,15 +26,11 @@ class Teacher(nn.Module):
         self.strides = [known[s][1] for s in self.stages]
         self.net.requires_grad_(False)
         self.net.eval()
-        self.cache: TeacherCache | None = None  # set by the training loop (engine/teacher_cache)
 
     def train(self, mode: bool = True) -> Teacher:
         """The teacher never leaves eval mode: its BatchNorm statistics are ImageNet's."""
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) -> the stages' features, shallowest first; from the cache when the
-        training loop has given this batch's features."""
-        if self.cache is not None and (feats := self.cache.take()) is not None:
-            return feats
+        """(B, 3, H, W) -> the stages' features, shallowest first."""
         return self.net.features(x, self.stages)
