@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_mvtec
 
-from kdad.config import DataConfig, RunConfig
+from kdad.config import DataConfig, DDPMOptions, DiffusionConfig, RunConfig
 from kdad.data.io import read_image, read_mask
 from kdad.data.layouts import training_samples
 from kdad.engine.fit import datasets
@@ -21,8 +21,8 @@ from kdad.errors import KdadError, KdadWarning
 from kdad.models import model_from_config
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
-from kdad.synth.ddpm import DDPM, DDPMOptions
-from kdad.synth.diffusion import DiffusionConfig, load_ddpm, paint_changed, train_ddpm
+from kdad.synth.ddpm import DDPM
+from kdad.synth.diffusion import load_ddpm, paint_changed, train_ddpm
 
 
 def kdad(*args: str) -> subprocess.CompletedProcess:

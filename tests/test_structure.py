@@ -5,6 +5,7 @@ tests or runs grids."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,30 @@ def test_no_dataset_is_named_in_the_code_that_trains_tests_and_runs_grids() -> N
             if text and any(d in text.lower() for d in ("mtd", "magnetic", "weld")):
                 named.append(f"{f.name}:{node.lineno}: {text!r}")
     assert not named, named
+
+
+USER_FACING = ("cli.py", "api.py", "protocol.py", "detector.py", "serve.py", "grid.py")
+
+
+def test_settings_defaults_are_typed_once_in_the_config_dataclasses() -> None:
+    """How "one source of settings" is checked: in the modules users call (CLI and Python API)
+    no parameter default and no flag default is a literal other than None or a bool, and no
+    help text spells a default out; they all name a field of kdad.config's dataclasses."""
+    typed = []
+    for name in USER_FACING:
+        f = SRC / name
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                a = node.args
+                for d in [*a.defaults, *a.kw_defaults]:
+                    if isinstance(d, ast.Constant) and not isinstance(d.value, (bool, type(None))):
+                        typed.append(f"{name}:{d.lineno}: def {node.name}(... = {d.value!r})")
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                for kw in node.keywords:
+                    v = kw.value
+                    if kw.arg == "default" and isinstance(v, ast.Constant) and v.value is not None:
+                        typed.append(f"{name}:{v.lineno}: default={v.value!r}")
+                    text = str(v.value) if isinstance(v, ast.Constant) else ""
+                    if kw.arg == "help" and re.search(r"\([\d.]+\)|default:? \d", text):
+                        typed.append(f"{name}:{v.lineno}: help {v.value!r}")
+    assert not typed, "\n".join(typed)

@@ -12,7 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdad.config import RunConfig, apply_overrides, load_config
+from kdad.config import (
+    DataConfig,
+    DDPMOptions,
+    DiffusionConfig,
+    LaunchConfig,
+    PaintConfig,
+    RunConfig,
+    ScoreConfig,
+    ServeConfig,
+    apply_overrides,
+    load_config,
+)
 from kdad.detector import Detector, Prediction, recalibrate
 from kdad.engine import choose
 from kdad.errors import KdadError
@@ -46,7 +57,7 @@ def _train_one(kwargs: dict[str, Any]) -> Path:
 
 def train_categories(
     categories: list[str],
-    jobs: int = 1,
+    jobs: int = LaunchConfig.jobs,
     *,
     config: str | Path | None = None,
     resume: bool = False,
@@ -81,7 +92,7 @@ def train_categories(
     return {categories[i]: path for i, path in sorted(done.items())}
 
 
-def load(checkpoint: str | Path, device: str = "auto") -> Detector:
+def load(checkpoint: str | Path, device: str = ScoreConfig.device) -> Detector:
     """Load a trained checkpoint (file or run folder) as a Detector."""
     return Detector.load(checkpoint, device)
 
@@ -90,8 +101,8 @@ def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
     out: str | Path,
-    batch_size: int = 16,
-    device: str = "auto",
+    batch_size: int = ScoreConfig.batch_size,
+    device: str = ScoreConfig.device,
     f1_threshold_from: str | Path | None = None,
 ) -> tuple[Path, float | None]:
     """Score image files and folders into ``out`` (see Detector.predict_files); returns
@@ -114,7 +125,7 @@ def calibrate(
     checkpoint: str | Path,
     false_alarm_rate: float | None = None,
     pixel_quantile: float | None = None,
-    device: str = "auto",
+    device: str = ScoreConfig.device,
 ) -> dict[str, Any]:
     """Recompute a checkpoint's thresholds from its held-out good images, after the model fits
     them again (its per-scale weights), and write both into the checkpoint; returns the new
@@ -130,7 +141,12 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return export_onnx(checkpoint, out)
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def serve(
+    model: str | Path,
+    host: str = ServeConfig.host,
+    port: int = ServeConfig.port,
+    workers: int = ServeConfig.workers,
+) -> None:
     """Serve one model (an export folder, or a checkpoint or run folder) over HTTP with a web
     page, in ``workers`` processes; returns when the server stops."""
     from kdad.serve import serve as run_server
@@ -140,24 +156,22 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers:
 
 def synth_train(
     data: str | Path,
-    out: str | Path = "runs/ddpm",
+    out: str | Path = DiffusionConfig.out,
     layout: str | None = None,
     category: str | None = None,
-    image_size: int = 64,
-    steps: int = 4000,
-    batch_size: int = 16,
-    lr: float = 2e-4,
-    width: int = 32,
-    seed: int = 0,
-    device: str = "auto",
+    image_size: int = DDPMOptions.image_size,
+    steps: int = DiffusionConfig.steps,
+    batch_size: int = DiffusionConfig.batch_size,
+    lr: float = DiffusionConfig.lr,
+    width: int = DDPMOptions.width,
+    seed: int = DiffusionConfig.seed,
+    device: str = DiffusionConfig.device,
     progress: bool = True,
 ) -> Path:
     """Train a DDPM of a dataset's good training images (square ``image_size``, gray or colour
     as the images are) to paint synthetic defects; returns ``out``/ddpm.pt. An interrupted
     training in ``out`` with the same settings resumes from its last save."""
-    from kdad.config import DataConfig
-    from kdad.synth.ddpm import DDPMOptions
-    from kdad.synth.diffusion import DiffusionConfig, train_ddpm
+    from kdad.synth.diffusion import train_ddpm
 
     cfg = DiffusionConfig(
         data=DataConfig(path=str(data), layout=layout or "auto", category=category),
@@ -175,13 +189,13 @@ def synth_train(
 def synth_sample(
     model: str | Path,
     out: str | Path,
-    count: int = 200,
+    count: int = PaintConfig.count,
     data: str | None = None,
-    strength: float = 0.1,
-    sigma: float = 2.0,
-    steps: int = 25,
-    seed: int = 0,
-    min_change: float = 8 / 255,
+    strength: float = PaintConfig.strength,
+    sigma: float = PaintConfig.sigma,
+    steps: int = PaintConfig.steps,
+    seed: int = PaintConfig.seed,
+    min_change: float = PaintConfig.min_change,
     progress: bool = True,
 ) -> tuple[Path, Path]:
     """Paint ``count`` defects with a trained DDPM into the MVTec-layout folder ``out`` (images
@@ -190,18 +204,8 @@ def synth_sample(
     from kdad.synth.bank import synthetic_gallery
     from kdad.synth.diffusion import sample_defects
 
-    folder = sample_defects(
-        model,
-        out,
-        count,
-        data,
-        strength,
-        sigma,
-        steps,
-        seed,
-        min_change=min_change,
-        progress=progress,
-    )
+    paint = PaintConfig(count, strength, sigma, steps, seed, min_change=min_change)
+    folder = sample_defects(model, out, paint, data, progress=progress)
     return folder / "synthetic.csv", synthetic_gallery(folder)
 
 
@@ -209,7 +213,7 @@ def bench(
     grid: str | Path,
     progress: bool = True,
     models: list[str] | None = None,
-    jobs: int = 1,
+    jobs: int = LaunchConfig.jobs,
     seeds: list[int] | None = None,
 ) -> tuple[Path, Path]:
     """Run the unfinished jobs of a grid YAML (only ``models``, by name, and ``seeds``, when

@@ -14,6 +14,19 @@ from typing import Any
 
 import yaml
 
+from kdad.config import (
+    CalibrationConfig,
+    DataConfig,
+    DDPMOptions,
+    DiffusionConfig,
+    LaunchConfig,
+    ModelConfig,
+    PaintConfig,
+    RunConfig,
+    ScoreConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from kdad.data.augment import AUGMENTATIONS
 from kdad.data.layouts import LAYOUTS
 from kdad.errors import KdadError
@@ -26,13 +39,28 @@ def _metrics_table(metrics: dict[str, float | None]) -> str:
     return "\n".join(rows)
 
 
+def _shown(cls: type, name: str) -> str:
+    """The default of setting ``name`` of config dataclass ``cls``, as help text shows it."""
+    value = getattr(cls, name)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _setting(p: argparse.ArgumentParser, cls: type, name: str, help: str = "", **kw: Any) -> None:
+    """A flag for setting ``name`` of config dataclass ``cls``: its type and default come from
+    the dataclass (the one source of settings), and the help shows the default."""
+    default = getattr(cls, name)
+    text = f"{help} ({_shown(cls, name)})" if help else f"default {_shown(cls, name)}"
+    flag = "--" + name.replace("_", "-")
+    p.add_argument(flag, type=type(default), default=default, help=text, **kw)
+
+
 def _jobs_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
+    _setting(
+        p,
+        LaunchConfig,
+        "jobs",
+        f"{what} trained at once in separate processes, the cores shared",
         metavar="N",
-        help=f"{what} trained at once in separate processes, the cores shared (1)",
     )
 
 
@@ -66,13 +94,13 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _nproc_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        metavar="N",
-        help="N data-parallel ranks on this machine (torchrun; one per GPU); "
+    _setting(
+        p,
+        LaunchConfig,
+        "nproc",
+        "N data-parallel ranks on this machine (torchrun; one per GPU); "
         "or start kdad under torchrun yourself",
+        metavar="N",
     )
 
 
@@ -114,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     _jobs_arg(t, "categories")
     t.add_argument(
         "--model",
-        help="method, or auto (default): the STU-Seg student chosen from your good images",
+        help="method, or auto: the STU-Seg student chosen from your good images "
+        f"(default {_shown(ModelConfig, 'name')})",
     )
-    t.add_argument("--backbone", help="teacher (default efficientnet_lite0)")
+    t.add_argument("--backbone", help=f"teacher (default {_shown(ModelConfig, 'backbone')})")
     t.add_argument("--stages", nargs="+", help="teacher stages feeding distillation")
     t.add_argument("--weights", help="local teacher weight file")
     t.add_argument(
@@ -130,16 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--epochs",
         type=_auto_or("epochs"),
-        help="epochs, or auto (default): as many as make 2400 steps",
+        help="epochs, or auto: as many as make the fixed schedule's optimiser steps "
+        f"(default {_shown(TrainConfig, 'epochs')})",
     )
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int, help=f"default {_shown(TrainConfig, 'batch_size')}")
     t.add_argument(
         "--image-size",
         type=_auto_or("pixels"),
         nargs="+",
         metavar="SIZE",
-        help="auto (default: 256x256, or the training images' aspect when they share one that "
-        "a square would squash), an input side, or HEIGHT WIDTH",
+        help="auto: a square, or the training images' aspect when they share one that a square "
+        "would squash; an input side; or HEIGHT WIDTH "
+        f"(default {_shown(DataConfig, 'image_size')})",
     )
     t.add_argument(
         "--augment",
@@ -147,49 +178,63 @@ def build_parser() -> argparse.ArgumentParser:
         choices=AUGMENTATIONS,
         help="training views that are still normal for your part (none by default)",
     )
-    t.add_argument("--lr", type=float)
+    t.add_argument("--lr", type=float, help=f"default {_shown(TrainConfig, 'lr')}")
     t.add_argument(
-        "--lr-schedule", choices=["constant", "cosine"], help="constant (default) or cosine decay"
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        help=f"constant or cosine decay (default {_shown(TrainConfig, 'lr_schedule')})",
     )
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    t.add_argument("--num-workers", type=int)
-    t.add_argument("--holdout", type=float, help="good images held out for validation (0.1)")
+    t.add_argument("--seed", type=int, help=f"default {_shown(TrainConfig, 'seed')}")
+    t.add_argument(
+        "--device", help=f"auto, cpu, cuda, cuda:N (default {_shown(TrainConfig, 'device')})"
+    )
+    t.add_argument("--num-workers", type=int, help=f"default {_shown(TrainConfig, 'num_workers')}")
+    t.add_argument(
+        "--holdout",
+        type=float,
+        help=f"good images held out for validation ({_shown(DataConfig, 'holdout')})",
+    )
     t.add_argument(
         "--val-every",
         type=int,
-        help="epochs between validations (0: at the end; with --patience, every 40 steps' worth)",
+        help="epochs between validations (0: at the end; with --patience, at the checkpoint "
+        f"cadence) (default {_shown(TrainConfig, 'val_every')})",
     )
-    t.add_argument("--select", help="validation metric choosing best.pt (pixel_ap)")
+    t.add_argument(
+        "--select", help=f"validation metric choosing best.pt ({_shown(TrainConfig, 'select')})"
+    )
     t.add_argument(
         "--patience",
         type=int,
-        help="stop after this many validations without a better --select; 0 (default): never",
+        help="stop after this many validations without a better --select; 0: never "
+        f"(default {_shown(TrainConfig, 'patience')})",
     )
     t.add_argument(
         "--precision",
         choices=["fp32", "bf16", "auto"],
-        help="auto (default): bf16 where the device has it natively, else fp32; bf16: training "
-        "steps in bfloat16 autocast, faster on CPUs with native bf16 (AVX512-BF16, AMX) and on "
-        "GPUs, slower elsewhere; testing stays fp32",
+        help="auto: bf16 where the device has it natively, else fp32; bf16: training steps in "
+        "bfloat16 autocast, faster on CPUs with native bf16 (AVX512-BF16, AMX) and on GPUs, "
+        f"slower elsewhere; testing stays fp32 (default {_shown(TrainConfig, 'precision')})",
     )
     t.add_argument(
         "--teacher-cache-gb",
         type=float,
-        help="memory for the frozen teacher's features, computed once when inputs repeat "
-        "(2); 0: recompute every step",
+        help="memory for the frozen teacher's features, computed once when inputs repeat; 0: "
+        f"recompute every step ({_shown(TrainConfig, 'teacher_cache_gb')})",
     )
     t.add_argument(
         "--image-cache-gb",
         type=float,
-        help="memory for the training images, decoded and resized once (2); 0: every epoch",
+        help="memory for the training images, decoded and resized once; 0: every epoch "
+        f"({_shown(TrainConfig, 'image_cache_gb')})",
     )
     t.add_argument(
         "--false-alarm-rate",
         type=float,
-        help="share of good parts the calibrated threshold flags (0.01)",
+        help="share of good parts the calibrated threshold flags "
+        f"({_shown(CalibrationConfig, 'false_alarm_rate')})",
     )
-    t.add_argument("--out", help="run folder (default runs/latest)")
+    t.add_argument("--out", help=f"run folder (default {_shown(RunConfig, 'out')})")
     t.add_argument("--config", help="YAML run config; flags override it")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     _nproc_arg(t)
@@ -200,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(e, required=False)
     e.add_argument("--out", help="folder for metrics.json (default: the checkpoint's folder)")
     e.add_argument("--save-maps", metavar="FILE.npz", help="save maps, masks, labels, paths")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--device", default="auto")
+    _setting(e, ScoreConfig, "batch_size")
+    _setting(e, ScoreConfig, "device")
 
     p = sub.add_parser("predict", help="score images and write heatmaps")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
@@ -213,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled validation folder (never the test set) to set an F1-best "
         "image threshold instead of the calibrated one",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    _setting(p, ScoreConfig, "batch_size")
+    _setting(p, ScoreConfig, "device")
     _nproc_arg(p)
     r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
     r.add_argument("source", help="run folder, metrics.json, or predict output folder")
@@ -226,47 +271,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     c.add_argument("--false-alarm-rate", type=float, help="share of good parts flagged")
     c.add_argument("--pixel-quantile", type=float, help="quantile of good pixels")
-    c.add_argument("--device", default="auto")
+    _setting(c, ScoreConfig, "device")
 
     ex = sub.add_parser("export", help="one ONNX graph: resize, model, calibrated decision")
     ex.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--format", choices=["onnx"], help="onnx, the only one for now")
     ex.add_argument("--out", required=True, help="folder for model.onnx and kdad.json")
 
     sv = sub.add_parser("serve", help="HTTP service and web page for one model")
     sv.add_argument("--model", required=True, help="export folder (ONNX) or checkpoint/run")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    _setting(sv, ServeConfig, "host", "bind address")
+    _setting(sv, ServeConfig, "port")
+    _setting(sv, ServeConfig, "workers", "worker processes")
 
     sy = sub.add_parser("synth", help="a DDPM of good images that paints synthetic defects")
     syv = sy.add_subparsers(dest="synth_verb", required=True)
     st = syv.add_parser("train", help="train the DDPM on a dataset's good training images")
     _data_args(st, required=True)
-    st.add_argument("--out", default="runs/ddpm", help="run folder (gets ddpm.pt)")
-    st.add_argument("--image-size", type=int, default=64, help="DDPM resolution (64)")
-    st.add_argument("--steps", type=int, default=4000, help="optimiser steps (4000)")
-    st.add_argument("--batch-size", type=int, default=16)
-    st.add_argument("--lr", type=float, default=2e-4)
-    st.add_argument("--width", type=int, default=32, help="U-Net width (32)")
-    st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--device", default="auto")
+    _setting(st, DiffusionConfig, "out", "run folder (gets ddpm.pt)")
+    _setting(st, DDPMOptions, "image_size", "DDPM resolution")
+    _setting(st, DiffusionConfig, "steps", "optimiser steps")
+    _setting(st, DiffusionConfig, "batch_size")
+    _setting(st, DiffusionConfig, "lr")
+    _setting(st, DDPMOptions, "width", "U-Net width")
+    _setting(st, DiffusionConfig, "seed")
+    _setting(st, DiffusionConfig, "device")
     st.add_argument("--no-progress", action="store_true")
     ss = syv.add_parser("sample", help="paint defects into an MVTec-layout folder")
     ss.add_argument("--model", required=True, help="DDPM run folder or ddpm.pt")
     ss.add_argument("--out", required=True, help="folder for images, masks, synthetic.csv")
-    ss.add_argument("--count", type=int, default=200)
+    _setting(ss, PaintConfig, "count", "defects to paint")
     ss.add_argument("--data", help="dataset (default: the one the DDPM learned)")
-    ss.add_argument("--strength", type=float, default=0.1, help="diffusion depth, 0-1 (0.1)")
-    ss.add_argument("--sigma", type=float, default=2.0, help="perturbation std (2.0)")
-    ss.add_argument("--steps", type=int, default=25, help="denoising steps (25)")
-    ss.add_argument(
-        "--min-change",
-        type=float,
-        default=8 / 255,
-        help="a painted pixel is defect when it changed by more than this share of the range",
+    _setting(ss, PaintConfig, "strength", "diffusion depth, 0-1")
+    _setting(ss, PaintConfig, "sigma", "perturbation std")
+    _setting(ss, PaintConfig, "steps", "denoising steps")
+    _setting(
+        ss,
+        PaintConfig,
+        "min_change",
+        "a painted pixel is defect when it changed by more than this share of the range",
     )
-    ss.add_argument("--seed", type=int, default=0)
+    _setting(ss, PaintConfig, "seed")
     ss.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("bench", help="run a grid of models x datasets x seeds from a YAML file")

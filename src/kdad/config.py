@@ -97,6 +97,72 @@ class RunConfig:
         return _build(cls, d, where)
 
 
+@dataclass
+class ScoreConfig:
+    """How a trained model scores images (`kdad test`, `predict`, `calibrate`)."""
+
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class LaunchConfig:
+    """How many processes run at once."""
+
+    jobs: int = 1  # runs (or categories) trained at once in separate processes
+    nproc: int = 1  # data-parallel ranks on this machine (torchrun; one per GPU)
+
+
+@dataclass
+class ServeConfig:
+    """`kdad serve`: where the HTTP service listens and how many processes answer."""
+
+    host: str = "127.0.0.1"  # bind address: this machine only
+    port: int = 8000
+    workers: int = 1
+    max_bytes: int = 20 * 2**20  # largest upload accepted
+    max_pixels: int = 50_000_000  # largest decoded image accepted
+
+
+@dataclass
+class DDPMOptions:
+    """The diffusion model's architecture and schedule (saved with its checkpoint)."""
+
+    image_size: int = 64  # training and sampling resolution (square)
+    channels: int = 3  # 1 for gray parts, 3 for colour
+    width: int = 32  # channels of the first U-Net level, doubled per level
+    levels: int = 3  # resolutions: image_size / 2^0 .. 2^(levels - 1)
+    timesteps: int = 1000
+
+
+@dataclass
+class DiffusionConfig:
+    """What ``kdad synth train`` saves with its checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    ddpm: DDPMOptions = field(default_factory=DDPMOptions)
+    steps: int = 4000  # optimiser steps (about 20 min on 2 CPU cores at 64x64)
+    save_every: int = 250  # steps between saves of the training state, to resume from
+    batch_size: int = 16
+    lr: float = 2e-4
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/ddpm"
+
+
+@dataclass
+class PaintConfig:
+    """How ``kdad synth sample`` paints defects with a trained DDPM."""
+
+    count: int = 200  # defects to paint
+    strength: float = 0.1  # diffusion depth, 0-1: the share of the schedule noised and denoised
+    sigma: float = 2.0  # std of the Gaussian perturbation inside the region ([-1, 1] range)
+    steps: int = 25  # DDIM denoising steps
+    seed: int = 0
+    batch_size: int = 16
+    min_change: float = 8 / 255  # a painted pixel is defect when it changed by more than this
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}

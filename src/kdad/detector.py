@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kdad.backbones import get_spec
-from kdad.config import RunConfig
+from kdad.config import DataConfig, RunConfig, ScoreConfig
 from kdad.data.dataset import ImageDataset, preprocess
 from kdad.data.io import read_image
 from kdad.data.layouts import Sample, collect_images, find_samples
@@ -68,7 +68,7 @@ class Detector:
             )
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto") -> Detector:
+    def load(cls, checkpoint: str | Path, device: str = ScoreConfig.device) -> Detector:
         """Rebuild the model from a checkpoint's config and state dict (no download needed)."""
         ckpt = load_checkpoint(checkpoint)
         cfg = RunConfig.from_dict(ckpt["config"], ckpt["path"])
@@ -85,7 +85,7 @@ class Detector:
             self.std.flatten().tolist(),
         )
 
-    def use_f1_threshold(self, data: str | Path, layout: str = "auto") -> float:
+    def use_f1_threshold(self, data: str | Path, layout: str = DataConfig.layout) -> float:
         """Set the image threshold to the F1-best one on a labelled validation folder given
         explicitly (never the test set: that is the caller's promise). Returns it."""
         if self.calibration is None:
@@ -118,7 +118,7 @@ class Detector:
         return ns, "defect" if score >= c["image_threshold"] else "ok"
 
     def predict(
-        self, images: Sequence[str | Path | np.ndarray], batch_size: int = 16
+        self, images: Sequence[str | Path | np.ndarray], batch_size: int = ScoreConfig.batch_size
     ) -> list[Prediction]:
         """Score images given as files or float (H, W, 3) arrays in [0, 1]."""
         results = []
@@ -154,7 +154,10 @@ class Detector:
         return res, heat, mask
 
     def predict_files(
-        self, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 16
+        self,
+        inputs: Sequence[str | Path],
+        out: str | Path,
+        batch_size: int = ScoreConfig.batch_size,
     ) -> Path:
         """Score image files and folders (searched recursively, in sorted order), streaming:
         OUT/predictions.csv and .jsonl, and per image OUT/heatmaps/NAME.png and OUT/masks/NAME.png
@@ -199,7 +202,7 @@ def recalibrate(
     checkpoint: str | Path,
     false_alarm_rate: float | None = None,
     pixel_quantile: float | None = None,
-    device: str = "auto",
+    device: str = ScoreConfig.device,
 ) -> dict[str, Any]:
     """Compute a checkpoint's calibration again from its own held-out good images (a new target
     rate, or a checkpoint saved without one), after the model fits them again (what older

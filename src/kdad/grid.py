@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from kdad.config import OVERRIDES, RunConfig, apply_overrides
+from kdad.config import OVERRIDES, LaunchConfig, RunConfig, apply_overrides
 from kdad.engine.checkpoint import load_checkpoint
 from kdad.engine.pool import run_parallel
 from kdad.errors import KdadError
@@ -259,7 +259,7 @@ def run_grid(
     path: str | Path,
     progress: bool = True,
     models: list[str] | None = None,
-    jobs: int = 1,
+    jobs: int = LaunchConfig.jobs,
     seeds: list[int] | None = None,
 ) -> tuple[Path, Path]:
     """Run every job of the grid not yet finished (only those of ``models``, by name, and of

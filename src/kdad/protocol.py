@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kdad.config import ScoreConfig
 from kdad.data.layouts import SPLITS, declared_subsets, detect_layout, find_samples
 from kdad.detector import Detector
 from kdad.engine.distributed import describe_machine
@@ -26,8 +27,8 @@ def evaluate(
     layout: str | None = None,
     category: str | None = None,
     out: str | Path | None = None,
-    batch_size: int = 16,
-    device: str = "auto",
+    batch_size: int = ScoreConfig.batch_size,
+    device: str = ScoreConfig.device,
     save_maps: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a labelled test set: every metric and per-class image AUROC, the same for each

@@ -26,6 +26,7 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
+from kdad.config import ServeConfig
 from kdad.engine.pool import cores_per
 from kdad.export import load_runner
 from kdad.outputs import defect_mask, find_instances, heatmap_overlay, upsample_map
@@ -73,8 +74,8 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
 def create_app(
     model: str | Path,
-    max_bytes: int = 20 * 2**20,
-    max_pixels: int = 50_000_000,
+    max_bytes: int = ServeConfig.max_bytes,
+    max_pixels: int = ServeConfig.max_pixels,
     threads: int | None = None,
 ) -> FastAPI:
     """The service around one model: an ONNX export (onnxruntime) or a checkpoint (PyTorch),
@@ -143,7 +144,12 @@ def app_from_env() -> FastAPI:
     return create_app(os.environ["KDAD_SERVE_MODEL"], threads=threads)
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def serve(
+    model: str | Path,
+    host: str = ServeConfig.host,
+    port: int = ServeConfig.port,
+    workers: int = ServeConfig.workers,
+) -> None:
     """Run the service with uvicorn: ``workers`` processes, each loading the model and using
     ``cores // workers`` threads, all accepting on one port."""
     import uvicorn

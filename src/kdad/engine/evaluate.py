@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from kdad.config import ScoreConfig
 from kdad.engine.infer import infer
 from kdad.errors import KdadError
 from kdad.files import atomic_write
@@ -67,7 +68,9 @@ class Evaluation:
         atomic_write(path, write)
 
 
-def evaluate_model(model: KDModel, ds: Dataset, batch_size: int = 16) -> Evaluation:
+def evaluate_model(
+    model: KDModel, ds: Dataset, batch_size: int = ScoreConfig.batch_size
+) -> Evaluation:
     """Run ``model`` over a dataset of dicts with image, mask, has_mask, label, index."""
     n = len(ds)
     ev = None

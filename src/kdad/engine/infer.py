@@ -9,13 +9,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kdad.config import ScoreConfig
 from kdad.data.dataset import ImageDataset
 from kdad.models import KDModel
 
 
 @torch.inference_mode()
 def infer(
-    model: KDModel, ds: ImageDataset, batch_size: int = 16, num_workers: int = 0
+    model: KDModel, ds: ImageDataset, batch_size: int = ScoreConfig.batch_size, num_workers: int = 0
 ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
     """Yield each batch with its anomaly maps (B, h, w) and scores (B,), on the CPU."""
     model.eval()
@@ -26,7 +27,7 @@ def infer(
 
 
 @torch.inference_mode()
-def fit_normal(model: KDModel, ds: Dataset, batch_size: int = 16) -> None:
+def fit_normal(model: KDModel, ds: Dataset, batch_size: int = ScoreConfig.batch_size) -> None:
     """Let ``model`` fit what it estimates from the good images of ``ds``
     (``KDModel.fit_normal``): held-out good training images, never test images."""
     model.eval()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kdad.config import LaunchConfig
 from kdad.errors import KdadError
 
 
@@ -40,7 +41,7 @@ def _call(fn: Callable[[Any], Any], item: Any) -> tuple[Any, str | None, float]:
 def run_parallel(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
-    jobs: int = 1,
+    jobs: int = LaunchConfig.jobs,
     describe: Callable[[Any], str] = str,
     log: Callable[[str], None] | None = print,
 ) -> tuple[dict[int, Any], dict[int, str]]:

@@ -13,22 +13,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@dataclass
-class DDPMOptions:
-    """The diffusion model's architecture and schedule (saved with its checkpoint)."""
-
-    image_size: int = 64  # training and sampling resolution (square)
-    channels: int = 3  # 1 for gray parts, 3 for colour
-    width: int = 32  # channels of the first U-Net level, doubled per level
-    levels: int = 3  # resolutions: image_size / 2^0 .. 2^(levels - 1)
-    timesteps: int = 1000
+from kdad.config import DDPMOptions
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

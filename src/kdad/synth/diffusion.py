@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from kdad.config import DataConfig
+from kdad.config import DataConfig, DDPMOptions, DiffusionConfig, PaintConfig
 from kdad.data.dataset import resize_image
 from kdad.data.io import read_image
 from kdad.data.layouts import Sample, training_samples
@@ -27,23 +26,8 @@ from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import resolve_device
 from kdad.errors import KdadError
 from kdad.files import atomic_write
-from kdad.synth.ddpm import DDPM, DDPMOptions
+from kdad.synth.ddpm import DDPM
 from kdad.synth.perlin import perlin_mask
-
-
-@dataclass
-class DiffusionConfig:
-    """What ``kdad synth train`` saves with its checkpoint."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    ddpm: DDPMOptions = field(default_factory=DDPMOptions)
-    steps: int = 4000  # optimiser steps (about 20 min on 2 CPU cores at 64x64)
-    save_every: int = 250  # steps between saves of the training state, to resume from
-    batch_size: int = 16
-    lr: float = 2e-4
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/ddpm"
 
 
 def _load(path: Path, size: int, channels: int) -> torch.Tensor:
@@ -196,25 +180,19 @@ def paint_changed(
 def sample_defects(
     model_path: str | Path,
     out: str | Path,
-    count: int,
+    paint: PaintConfig,
     data: str | None = None,
-    strength: float = 0.1,
-    sigma: float = 2.0,
-    steps: int = 25,
-    seed: int = 0,
-    batch_size: int = 16,
-    min_change: float = 8 / 255,
     progress: bool = True,
     samples: list[Sample] | None = None,
 ) -> Path:
-    """Paint ``count`` defects on good training images (``samples``, by default those of the
-    DDPM's data; cycled in a seeded order) and write
+    """Paint ``paint.count`` defects on good training images (``samples``, by default those of
+    the DDPM's data, or of ``data``; cycled in a seeded order) and write
     them at each source's resolution: ``out``/test/ddpm/NNNN.png, ``out``/ground_truth/ddpm/
     NNNN_mask.png and ``out``/synthetic.csv (image, mask, source), written last.
 
     A defect's mask is the part of its Perlin region that painting changed by more than
-    ``min_change`` (of the value range): a DDPM of a few images repaints much of a region as it
-    was (saturated or black background, memorised content), and labelling that as defect would
+    ``paint.min_change`` (of the value range): a DDPM of a few images repaints much of a region
+    as it was (saturated or black background, memorised content), and labelling that as defect would
     teach a segmentation head noise. Only the masked pixels are pasted; a region left wholly
     unchanged is drawn again (at most ``_REDRAWS`` times).
     """
@@ -228,15 +206,18 @@ def sample_defects(
         raise KdadError(f"{out / 'synthetic.csv'} exists: choose another --out")
     (out / "test" / "ddpm").mkdir(parents=True, exist_ok=True)
     (out / "ground_truth" / "ddpm").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    p = paint
+    rng = np.random.default_rng(p.seed)
+    gen = torch.Generator().manual_seed(p.seed)
     order = rng.permutation(len(samples))
     size, ch = model.opt.image_size, model.opt.channels
     rows = []
-    for start in tqdm(range(0, count, batch_size), disable=not progress, unit="batch"):
-        idx = [int(order[i % len(order)]) for i in range(start, min(start + batch_size, count))]
+    for start in tqdm(range(0, p.count, p.batch_size), disable=not progress, unit="batch"):
+        idx = [int(order[i % len(order)]) for i in range(start, min(start + p.batch_size, p.count))]
         x0 = torch.stack([_load(samples[i].path, size, ch) for i in idx])  # (B, ch, S, S)
-        painted, masks = paint_changed(model, x0, rng, gen, strength, sigma, steps, min_change)
+        painted, masks = paint_changed(
+            model, x0, rng, gen, p.strength, p.sigma, p.steps, p.min_change
+        )
         for k, i in enumerate(idx):
             n = start + k
             src = read_image(samples[i].path)  # (H, W, 3) original resolution
@@ -279,8 +260,8 @@ def paint_bank(
     folder: Path,
     steps: int,
     count: int,
-    seed: int = 0,
-    device: str = "auto",
+    seed: int,
+    device: str,
     progress: bool = True,
 ) -> Path:
     """A defect bank of ``samples`` made in ``folder``: a DDPM of them trained for ``steps``
@@ -302,5 +283,6 @@ def paint_bank(
             train_ddpm(cfg, progress, samples)
         if progress:
             tqdm.write(f"kdad: painting {count} defects into {bank}", file=sys.stderr)
-        sample_defects(ddpm, bank, count, seed=seed, progress=progress, samples=samples)
+        paint = PaintConfig(count=count, seed=seed)
+        sample_defects(ddpm, bank, paint, progress=progress, samples=samples)
     return bank
