@@ -9,7 +9,8 @@ smoothed more (sigma 8 and 16 instead of the model's 4). Pixel AUROC is taken on
 pixel of each row and column: the maps are smooth (Gaussian sigma 4), and a full curve per
 scale and class would take minutes each on 2 cores.
 
-    python bench/mtd_scales.py runs/recipe_s1/checkpoint.pt --out bench/results/mtd_maps/s1.json
+    python bench/analyses/mtd_scales.py runs/recipe_s1/checkpoint.pt \
+        --out bench/results/mtd_maps/s1.json
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import write_result
 
 import kdad

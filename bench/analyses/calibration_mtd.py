@@ -3,7 +3,8 @@ the test set? For each run (trained and tested on Magnetic Tile), calibrate its 
 its own held-out good images, then measure on the test scores of that same checkpoint the
 false-alarm rate over the good test images and the share of defective images caught.
 
-    python bench/calibration_mtd.py RUN_DIR [RUN_DIR ...] --out bench/results/calibration_mtd.json
+    python bench/analyses/calibration_mtd.py RUN_DIR [RUN_DIR ...] \
+        --out bench/results/calibration_mtd.json
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import write_result
 
 from kdad.detector import recalibrate

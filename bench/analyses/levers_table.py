@@ -1,7 +1,7 @@
 """Markdown table of Magnetic Tile lever runs (bench/rd_mtd.py results): the dev half's metrics
 and per-class image AUROC, epochs run and kept, and training time; one row per result file.
 
-    python bench/levers_table.py bench/results/mtd_levers/*.json
+    python bench/analyses/levers_table.py bench/results/mtd_levers/*.json
 """
 
 from __future__ import annotations

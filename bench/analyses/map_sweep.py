@@ -9,7 +9,7 @@ subtracts that mean and divides by the standard deviation.
 On Magnetic Tile, the dev half (settings are chosen there) and the final half; elsewhere the
 whole test set.
 
-    python bench/map_sweep.py runs/default/mtd_default-s0/best.pt \
+    python bench/analyses/map_sweep.py runs/default/mtd_default-s0/best.pt \
         --out bench/results/map_sweep/mtd_s0.json
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import write_result
 
 from kdad.data.layouts import (

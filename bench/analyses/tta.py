@@ -3,7 +3,7 @@ on the image as given and on its flips (each map flipped back), and on the mean 
 DifferNet scores a tile by its mean over transformed copies; a flipped tile is still a good
 tile, so averaging should lower the noise of good tiles' maps more than the defects' signal.
 
-    python bench/tta.py runs/recipe_s0/best.pt --out bench/results/mtd_levers/tta_s0.json
+    python bench/analyses/tta.py runs/recipe_s0/best.pt --out bench/results/mtd_levers/tta_s0.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import checkpoint_parser, mtd_half, write_result
 
 from kdad.detector import Detector

@@ -7,7 +7,8 @@ PatchCore's local aggregation). Each scale's term is divided by its mean on the 
 held-out good training images (as ``scale_norm``), summed over scales, Gaussian-smoothed as the
 model does.
 
-    python bench/map_terms.py runs/recipe_s0/best.pt --out bench/results/mtd_levers/terms_s0.json
+    python bench/analyses/map_terms.py runs/recipe_s0/best.pt \
+        --out bench/results/mtd_levers/terms_s0.json
 
 On data other than Magnetic Tile, the whole test set; ``--sums`` picks the rows.
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import mtd_half, write_result
 
 from kdad.data.layouts import detect_layout, find_samples, training_samples

@@ -5,9 +5,10 @@ reproduces an unbroken run exactly, so each point is the same run's state at tha
 writes the dev-half metrics and per-class image AUROC at each point, beside the validation
 metric the run would have kept its epoch by.
 
-    python bench/mtd_curve.py --set stages='[stage3, stage5, stage6]' --epochs 20 --step 4 \\
+    python bench/analyses/mtd_curve.py --set stages='[stage3, stage5, stage6]' --epochs 20 \
+        --step 4 \\
         --out bench/results/mtd_levers/curve_s356.json
-    python bench/mtd_curve.py --config magnetic_tile_stu --epochs 20 --step 4 \\
+    python bench/analyses/mtd_curve.py --config magnetic_tile_stu --epochs 20 --step 4 \\
         --out bench/results/mtd_levers/curve_stu.json
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import parse_sets, write_result
 
 import kdad

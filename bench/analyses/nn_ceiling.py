@@ -4,7 +4,8 @@ stages upsampled to the shallowest one's grid and concatenated, map smoothed wit
 image score its maximum). No student: a reference for what the features let a student find, at
 one teacher, stage set and input size; not a strict bound (a trained head can pass it).
 
-    python bench/nn_ceiling.py --backbone efficientnet_lite0 --stages stage3 stage5 --size 256 \
+    python bench/analyses/nn_ceiling.py --backbone efficientnet_lite0 --stages stage3 stage5 \
+        --size 256 \
         --out bench/results/mtd_levers/nn_lite0_s35_256.json
 
 Dev half by default (where settings are chosen); ``--half final`` to compare with a model's
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import mtd_half, write_result
 
 from kdad.backbones import get_spec

@@ -17,7 +17,8 @@ whose whole map runs high (an offset between images), or the image border? Write
   all classes, per class, and within quartiles of the original image area and brightness (the
   image files are read for these).
 
-    python bench/mtd_maps.py runs/recipe_s0/test_maps.npz --out bench/results/mtd_maps_s0.json
+    python bench/analyses/mtd_maps.py runs/recipe_s0/test_maps.npz \
+        --out bench/results/mtd_maps_s0.json
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import write_result
 
 from kdad.data.layouts import mtd_dev_names, mtd_key

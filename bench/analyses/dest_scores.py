@@ -4,7 +4,8 @@ its maximum) or from the denoising student's disagreement with the teacher (1 - 
 each scale divided by its mean on the held-out good training images, summed, smoothed, maximum:
 RD's map and score). Pixel metrics for both maps too.
 
-    python bench/dest_scores.py runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
+    python bench/analyses/dest_scores.py \
+        runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
         --out bench/results/mtd_levers/dest_scores_s0.json
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import checkpoint_parser, mtd_half, write_result
 
 from kdad.data.layouts import training_samples

@@ -7,7 +7,7 @@ good images, times the head's probability).
 Defects (``--defects``): ``perlin`` (kdad's DRAEM-style ones), ``level`` (a large region of the
 image itself re-toned, as Magnetic Tile's Uneven class looks), or ``mix`` (half each).
 
-    python bench/mtd_head.py runs/stu_bf16_s0/best.pt --defects mix --epochs 16 \
+    python bench/analyses/mtd_head.py runs/stu_bf16_s0/best.pt --defects mix --epochs 16 \
         --out bench/results/mtd_levers/head_mix_s0.json
 """
 
@@ -23,7 +23,7 @@ from scipy import ndimage
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import checkpoint_parser, mtd_half, write_result
 
 from kdad.data.dataset import TrainSet

@@ -2,7 +2,7 @@
 and backward of the head alone, as in the head phase) on one batch of teacher-student products
 at a teacher's shallowest scale. DeSTSeg's width is 256; kdad's default 128.
 
-    python bench/head_cost.py --out bench/results/head_cost.json
+    python bench/analyses/head_cost.py --out bench/results/head_cost.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import write_result
 
 from kdad.models import build_model
