@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kdad"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "files", "metrics", "page", "config"),
     ("data", "backbones", "synth.perlin", "synth.ddpm"),
-    ("engine.checkpoint", "engine.distributed", "engine.pool", "engine.lock"),
+    ("engine.checkpoint", "engine.distributed", "engine.pool", "engine.lock", "engine.loop"),
     ("synth",),
     ("models",),
     ("engine",),

@@ -43,6 +43,7 @@ from kdad.engine.distributed import (
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.infer import fit_normal
 from kdad.engine.lock import run_lock
+from kdad.engine.loop import optimiser_step, progress_bar, random_state, restore_random_state
 from kdad.engine.schedule import (
     LR_SCHEDULES,
     Pace,
@@ -213,13 +214,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, pause: float) -> Path:
     if last > run.start:
         _fill_cache(run, say)
     pace = Pace(steps, t.epochs * steps - run.start * steps, t.patience > 0 and run.val is not None)
-    bar = tqdm(
-        total=t.epochs * steps,
-        initial=run.start * steps,
-        disable=not say,
-        unit="step",
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(t.epochs * steps, run.start * steps, say)
     for epoch in range(run.start, last):
         entry = _train_epoch(run, epoch, bar, pace, say)
         if not r.main:
@@ -311,6 +306,8 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         start, history, best = state["epoch"], list(state["history"]), state.get("best")
+        if "random" in state:  # checkpoints from before kdad saved it go on without
+            restore_random_state(state["random"], device)
     phases = model.phases(t.epochs)
     return _Run(cfg, out, r, device, model, net, opt, ds, val, phases, history, best, start, notes)
 
@@ -379,9 +376,7 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
         given = None if run.cache is None else run.cache.features(batch["index"])
         with torch.autocast(run.device.type, torch.bfloat16, enabled=t.precision == "bf16"):
             parts = run.model.loss(batch, run.net(batch["image"], given))
-        run.opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        run.opt.step()
+        optimiser_step(run.opt, parts["loss"])
         sums += torch.tensor([parts["loss"].item() * len(batch["image"]), len(batch["image"])])
         bar.update()
         bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{parts['loss'].item():.4f}")
@@ -421,7 +416,13 @@ def _end_epoch(
         return False
     save_checkpoint(
         run.out / "checkpoint.pt",
-        {**state, "history": run.history, "best": run.best, "optimizer": run.opt.state_dict()},
+        {
+            **state,
+            "history": run.history,
+            "best": run.best,
+            "optimizer": run.opt.state_dict(),
+            "random": random_state(run.device),
+        },
     )
     return stop
 

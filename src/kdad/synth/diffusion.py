@@ -24,6 +24,7 @@ from kdad.data.io import read_image
 from kdad.data.layouts import Sample, training_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import resolve_device
+from kdad.engine.loop import optimiser_step, progress_bar, random_state, restore_random_state
 from kdad.errors import KdadError
 from kdad.files import atomic_write
 from kdad.synth.ddpm import DDPM
@@ -47,6 +48,8 @@ def _resume(partial: Path, cfg: DiffusionConfig) -> dict[str, Any] | None:
     if not partial.is_file():
         return None
     state = load_checkpoint(partial)
+    if "random" not in state:
+        raise KdadError(f"{partial}: an interrupted DDPM training of an older kdad; remove it")
     if state.get("config") != dataclasses.asdict(cfg):
         raise KdadError(
             f"{partial}: an interrupted DDPM training with other settings; remove it or choose "
@@ -85,10 +88,7 @@ def train_ddpm(
     if (state := _resume(partial, cfg)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        g.set_state(state["batch_rng"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        restore_random_state(state["random"], device, g)
         step, losses, spent = state["step"], state["losses"], state["seconds"]
         if progress:
             say = f"kdad: resuming the DDPM training in {partial} at step {step}"
@@ -106,22 +106,18 @@ def train_ddpm(
             state["loss_last_100"] = float(np.mean(losses[-100:]))
         else:
             state |= {"optimizer": opt.state_dict(), "step": step, "losses": losses}
-            state |= {"batch_rng": g.get_state(), "rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            state["random"] = random_state(device, g)
         save_checkpoint(path, state)
 
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, step, progress)
     while step < cfg.steps:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
         x = images[idx]
         flip = torch.rand(len(x), generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         loss = model.loss(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(opt, loss)
         losses.append(loss.item())
         step += 1
         bar.update()
