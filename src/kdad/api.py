@@ -151,7 +151,7 @@ def serve(
     page, in ``workers`` processes; returns when the server stops."""
     from kdad.serve import serve as run_server
 
-    run_server(model, host, port, workers)
+    run_server(model, ServeConfig(host, port, workers))
 
 
 def synth_train(

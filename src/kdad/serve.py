@@ -144,16 +144,12 @@ def app_from_env() -> FastAPI:
     return create_app(os.environ["KDAD_SERVE_MODEL"], threads=threads)
 
 
-def serve(
-    model: str | Path,
-    host: str = ServeConfig.host,
-    port: int = ServeConfig.port,
-    workers: int = ServeConfig.workers,
-) -> None:
-    """Run the service with uvicorn: ``workers`` processes, each loading the model and using
-    ``cores // workers`` threads, all accepting on one port."""
+def serve(model: str | Path, cfg: ServeConfig) -> None:
+    """Run the service with uvicorn: ``cfg.workers`` processes, each loading the model and
+    using ``cores // workers`` threads, all accepting on one port."""
     import uvicorn
 
+    host, port, workers = cfg.host, cfg.port, cfg.workers
     if workers > 1:
         os.environ["KDAD_SERVE_MODEL"] = str(Path(model).resolve())
         os.environ["KDAD_SERVE_THREADS"] = str(cores_per(workers))
