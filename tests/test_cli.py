@@ -59,7 +59,12 @@ EPOCHS = {"dest_ddpm": 80}
 OPTIONS = {"dest_ddpm": ["--option", "defects=perlin"]}
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+FAST = ("rd", "stu_seg")  # the others' end-to-end runs are the slow tier's
+
+
+@pytest.mark.parametrize(
+    "model", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODELS]
+)
 def test_train_test_predict(model: str, tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "data", n_train=16, n_good=6, n_bad=6)
     run = tmp_path / "run"
@@ -203,6 +208,7 @@ def test_python_api_matches_cli_outputs(tmp_path: Path) -> None:
     assert by_path[str(files[0])] == pytest.approx(preds[0].score, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_config_file_and_flags(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "d")
     cfg = tmp_path / "c.yaml"
@@ -253,6 +259,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no train images found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_reports_unreadable_image_and_goes_on(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "d")
     train_one_epoch(data, tmp_path / "r")
@@ -269,6 +276,7 @@ def test_predict_reports_unreadable_image_and_goes_on(tmp_path: Path) -> None:
     assert rows[1]["score"] == "" and "cannot read" in rows[1]["error"] and rows[2]["score"]
 
 
+@pytest.mark.slow
 def test_mtd_layout_trains_without_split_flag(tmp_path: Path) -> None:
     data = make_mtd(tmp_path / "mtd")
     kdad_cli(
@@ -301,6 +309,7 @@ def test_mtd_layout_trains_without_split_flag(tmp_path: Path) -> None:
     assert set(dev["image_auroc_per_class"]) == set(final["image_auroc_per_class"]) == {"Blowhole"}
 
 
+@pytest.mark.slow
 def test_predict_walks_nested_folders_keeping_relative_names(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "d")
     train_one_epoch(data, tmp_path / "r")

@@ -80,6 +80,7 @@ def test_defect_masks_are_the_pixels_painting_changed() -> None:
         paint_changed(model, x0, rng, gen, 0.1, 0.5, 5, 1.0)  # no pixel can change that much
 
 
+@pytest.mark.slow
 def test_synth_train_and_sample_write_an_mvtec_folder(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "data", n_train=12)
     run, out = tmp_path / "ddpm", tmp_path / "defects"
@@ -174,6 +175,7 @@ def test_training_set_defects_are_seeded_and_bank_keeps_out_held_images(tmp_path
         read_bank(tmp_path, fit)
 
 
+@pytest.mark.slow
 def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "data", n_train=12)
     run, bank = tmp_path / "ddpm", tmp_path / "defects"
@@ -244,6 +246,7 @@ def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
 
 
+@pytest.mark.slow
 def test_dest_ddpm_paints_its_own_bank_by_default_and_reuses_it(tmp_path: Path, capfd) -> None:
     import kdad as api
 

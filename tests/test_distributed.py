@@ -91,6 +91,7 @@ def _kdad(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path: Path) -> None:
     """``kdad train --nproc 2`` (gloo) against one process with the same global batch of 8:
     the first epoch's loss within 1%, and both runs validated and calibrated. Past the first
@@ -138,6 +139,7 @@ def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path: Path) -> 
     assert "batch size 3 is not divisible by the 2 ranks" in r.stderr
 
 
+@pytest.mark.slow
 def test_sharded_predict_writes_every_input_once_in_order(tmp_path: Path) -> None:
     """7 inputs (not divisible by 2 ranks; one unreadable, two sharing a name) predicted on 2
     ranks: one merged predictions.csv/.jsonl equal to one process's, no shard left behind."""

@@ -58,6 +58,7 @@ def _same_state(a: Path, b: Path) -> None:
     assert [h["loss"] for h in sa["history"]] == [h["loss"] for h in sb["history"]]
 
 
+@pytest.mark.slow
 def test_resume_equals_unbroken_run(mvtec: Path, tmp_path: Path) -> None:
     full = fit(_cfg(mvtec, tmp_path / "full", 3), progress=False)
     fit(_cfg(mvtec, tmp_path / "split", 1), progress=False)
