@@ -58,6 +58,7 @@ def test_auto_keeps_the_better_candidate_and_trains_it_as_if_alone(tmp_path: Pat
     assert kdad.evaluate(ckpt)["metrics"]["image_auroc"] is not None
 
 
+@pytest.mark.slow
 def test_auto_resumed_after_its_first_probe_ends_as_an_unbroken_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -185,6 +185,7 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         assert bool(got["defect"][0]) == (p.decision == "defect")
 
 
+@pytest.mark.slow
 def test_python_api_matches_cli_outputs(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "f", n_good=8, n_bad=3)
     ckpt = kdad.train(

@@ -83,6 +83,7 @@ def test_too_few_head_steps_warn() -> None:
     assert phase_warnings("rd", rd.phases(1), 1, 1) == []
 
 
+@pytest.mark.slow
 def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -> None:
     """best.pt and its calibration never come from the student phase, whose head is untrained."""
     import kdad

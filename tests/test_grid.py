@@ -134,6 +134,7 @@ def _interval(run: Path) -> tuple[int, int]:
     return (run / "config.yaml").stat().st_mtime_ns, (run / "metrics.json").stat().st_mtime_ns
 
 
+@pytest.mark.slow
 def test_grid_runs_in_parallel_keeps_going_past_a_failure_and_resumes(
     tmp_path: Path, capsys
 ) -> None:
@@ -161,6 +162,7 @@ def test_grid_runs_in_parallel_keeps_going_past_a_failure_and_resumes(
     assert all((r / "checkpoint.pt").stat().st_mtime_ns == t for r, t in stamps.items())
 
 
+@pytest.mark.slow
 def test_train_several_categories_in_parallel(tmp_path: Path, capsys) -> None:
     """``kdad train --category c1 c2 --jobs 2``: one run per category in OUT/<category>;
     again with --resume nothing is redone; without, each existing run is refused."""
