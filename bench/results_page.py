@@ -106,12 +106,15 @@ def _row(row: dict[str, Any], subset: str) -> list[str]:
     cells = [str(len(runs))]
     cells += [_cell([r["metrics"][m] for r in runs]) for m in METRICS]
     cost = row.get("cost", True)
+    if "cost_files" in row:  # the same training, timed alone in other runs
+        runs = _runs({"files": row["cost_files"]}, subset)
     minutes = [r["seconds"] / 60 if r["seconds"] else None for r in runs]
     cells.append(_cell(minutes, 1, 1) if cost else "-")
     cells.append(_cell([r["images_per_second"] for r in runs], 1, 1) if cost else "-")
     cells.append("; ".join(sorted({r["machine"] for r in runs})))
     sources = row.get("files") or row["grid"]
-    cells.append(", ".join([sources] if isinstance(sources, str) else sources))
+    text = ", ".join([sources] if isinstance(sources, str) else sources)
+    cells.append(text + (f" (time: {row['cost_files']})" if "cost_files" in row else ""))
     return cells
 
 

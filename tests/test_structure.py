@@ -173,3 +173,13 @@ def test_settings_defaults_are_typed_once_in_the_config_dataclasses() -> None:
                     if kw.arg == "help" and re.search(r"\([\d.]+\)|default:? \d", text):
                         typed.append(f"{name}:{v.lineno}: help {v.value!r}")
     assert not typed, "\n".join(typed)
+
+
+def test_results_page_is_what_its_script_writes() -> None:
+    """docs/results.md is generated from the results files, never edited by hand."""
+    import subprocess
+    import sys
+
+    script = SRC.parents[1] / "bench" / "results_page.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
