@@ -75,9 +75,7 @@ def layer(name: str) -> int:
     best, depth = None, -1
     for i, entries in enumerate(LAYERS):
         for e in entries:
-            if (name == e or name.startswith(e + ".") or e == "") and len(e) > depth:
-                if e == "" and name != "":
-                    continue
+            if (name == e or (e and name.startswith(e + "."))) and len(e) > depth:
                 best, depth = i, len(e)
     assert best is not None, f"module kdad.{name} is in no layer of docs/design.md"
     return best
