@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import make_mvtec
 
-from kdad.config import DataConfig, DDPMOptions, DiffusionConfig, RunConfig
+from kdad.config import DataConfig, DDPMOptions, DiffusionConfig, PaintConfig, RunConfig
+from kdad.data.dataset import resize_image
 from kdad.data.io import read_image, read_mask
 from kdad.data.layouts import training_samples
 from kdad.engine.fit import datasets
@@ -21,7 +22,7 @@ from kdad.errors import KdadError, KdadWarning
 from kdad.models import model_from_config
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
-from kdad.synth.ddpm import DDPM
+from kdad.synth.ddpm import DDPM, unit_field
 from kdad.synth.diffusion import load_ddpm, paint_changed, train_ddpm
 
 
@@ -33,7 +34,7 @@ def kdad(*args: str) -> subprocess.CompletedProcess:
 
 def test_schedule_ends_in_noise_and_loss_trains() -> None:
     torch.manual_seed(0)
-    model = DDPM(DDPMOptions(image_size=16, channels=1, width=16, levels=2))
+    model = DDPM(DDPMOptions(crop=16, channels=1, width=16, levels=2, max_depth=1.0))
     ab = model.alpha_bar
     assert (ab.diff() < 0).all() and ab[0] > 0.999 and ab[-1] < 1e-4
     x0 = torch.zeros(4096, 1, 1, 1) + 0.8
@@ -51,40 +52,79 @@ def test_schedule_ends_in_noise_and_loss_trains() -> None:
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])  # it learns to predict noise
 
 
-def test_paint_changes_only_the_mask_and_is_seeded() -> None:
+def test_training_draws_only_the_steps_painting_uses() -> None:
+    model = DDPM(DDPMOptions(crop=16, channels=1, width=16, levels=2, max_depth=0.2))
+    assert model.deepest == 199
+    seen = []
+    model.net.forward = lambda x, t: seen.append(t) or torch.zeros_like(x)
     torch.manual_seed(0)
-    model = DDPM(DDPMOptions(image_size=16, channels=3, width=16, levels=2)).eval()
-    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
-    mask = torch.zeros(2, 1, 16, 16)
+    for _ in range(50):
+        model.loss(torch.zeros(64, 1, 16, 16))
+    t = torch.cat(seen)
+    assert t.min() == 0 and 190 <= t.max() <= 199  # the whole learnt range, nothing deeper
+    with pytest.raises(ValueError, match=r"strength must be in \[0.001, 0.2\]"):
+        DDPM(model.opt).paint(torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16), 0.3, 1, 0, 5)
+
+
+def test_paint_changes_only_the_mask_and_is_seeded_at_any_size() -> None:
+    torch.manual_seed(0)
+    model = DDPM(DDPMOptions(crop=16, channels=3, width=16, levels=3)).eval()
+    x0 = torch.rand(2, 3, 18, 30) * 2 - 1  # not the crop learnt, not a multiple of 4
+    mask = torch.zeros(2, 1, 18, 30)
     mask[..., 4:10, 5:12] = 1
-    a = model.paint(x0, mask, generator=torch.Generator().manual_seed(1))
-    b = model.paint(x0, mask, generator=torch.Generator().manual_seed(1))
-    c = model.paint(x0, mask, generator=torch.Generator().manual_seed(2))
+
+    def paint(seed: int, grain: float = 0.0) -> torch.Tensor:
+        return model.paint(x0, mask, 0.1, 0.5, grain, 5, torch.Generator().manual_seed(seed))
+
+    a, b, c = paint(1), paint(1), paint(2)
     inside = mask.expand_as(x0) > 0
+    assert a.shape == x0.shape
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[~inside], x0[~inside])
     assert (a[inside] - x0[inside]).abs().mean() > 0.05 and a.abs().max() <= 1
+    assert torch.equal(paint(1, 2.0)[~inside], x0[~inside])
+
+
+def test_perturbation_is_gaussian_of_constant_variance_white_or_grained() -> None:
+    noise = torch.randn(4, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+
+    def neighbour_corr(x: torch.Tensor) -> float:
+        return torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
+
+    assert torch.equal(unit_field(noise, 0), noise) and abs(neighbour_corr(noise)) < 0.05
+    for grain in (2.0, 6.0):
+        field = unit_field(noise, grain)
+        assert torch.allclose(field.std((2, 3)), torch.ones(4, 1), atol=1e-4)  # constant variance
+        assert neighbour_corr(field) > 0.85  # a blotch, not specks
 
 
 def test_defect_masks_are_the_pixels_painting_changed() -> None:
     torch.manual_seed(0)
-    model = DDPM(DDPMOptions(image_size=16, channels=1, width=16, levels=2)).eval()
+    model = DDPM(DDPMOptions(crop=16, channels=1, width=16, levels=2)).eval()
     x0 = torch.rand(4, 1, 16, 16) * 2 - 1
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    painted, masks = paint_changed(model, x0, rng, gen, 0.1, 0.5, 5, 0.1)
+    paint = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_change=0.1)
+    painted, masks = paint_changed(model, x0, rng, gen, paint)
     change = (painted - x0).abs() / 2  # share of the value range
     assert masks.flatten(1).sum(1).min() > 0  # never empty
     assert torch.equal(masks > 0, change > 0.1)  # exactly the pixels changed by more than 0.1
-    assert (change[masks == 0] > 0).any()  # some painted pixels changed too little: not defect
+    assert (change[masks == 0] == 0).all()  # what changed too little keeps the source
+    smooth = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_change=0.05, mask_sigma=1.5)
+    painted, masks = paint_changed(model, x0, rng, gen, smooth)
+    assert torch.equal(masks > 0, painted != x0)  # the mask is exactly what differs
+    assert ((painted - x0).abs()[masks > 0] / 2 < 0.05).any()  # smoothing keeps weak pixels
+
     with pytest.raises(KdadError, match="raise --sigma"):
-        paint_changed(model, x0, rng, gen, 0.1, 0.5, 5, 1.0)  # no pixel can change that much
+        no_pixel = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_change=1.0)
+        paint_changed(model, x0, rng, gen, no_pixel)
 
 
 @pytest.mark.slow
 def test_synth_train_and_sample_write_an_mvtec_folder(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "data", n_train=12)
     run, out = tmp_path / "ddpm", tmp_path / "defects"
-    args = ["--data", str(data), "--out", str(run), "--image-size", "32", "--steps", "5"]
+    args = ["--data", str(data), "--out", str(run), "--image-size", "32", "40", "--crop", "16"]
+    args += ["--steps", "5"]
     proc = kdad("synth", "train", *args, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     again = kdad("synth", "train", *args, "--no-progress")
@@ -96,10 +136,13 @@ def test_synth_train_and_sample_write_an_mvtec_folder(tmp_path: Path) -> None:
     assert len(rows) == 5
     fit, _ = training_samples(DataConfig(path=str(data)))
     assert {r["source"] for r in rows} <= {str(s.path.resolve()) for s in fit}
-    for r in rows:
-        img, src = read_image(out / r["image"]), read_image(Path(r["source"]))
-        mask = read_mask(out / r["mask"])
-        assert img.shape == src.shape and mask.shape == src.shape[:2] and mask.any()
+    for r in rows:  # painted at the detector's size, where the DDPM learnt the part
+        img, mask = read_image(out / r["image"]), read_mask(out / r["mask"])
+        src = resize_image(
+            torch.from_numpy(read_image(Path(r["source"]))).permute(2, 0, 1), (32, 40)
+        )
+        src = src.permute(1, 2, 0).numpy()
+        assert img.shape == (32, 40, 3) and mask.shape == (32, 40) and mask.any()
         assert np.abs(img[~mask] - src[~mask]).max() < 1 / 255 + 1e-6  # the rest is kept
         assert np.abs(img[mask] - src[mask]).mean() > 0.01  # the defect is painted
     page = (out / "gallery.html").read_text()
@@ -113,9 +156,10 @@ def test_interrupted_ddpm_training_resumes_to_the_unbroken_result(
     data = make_mvtec(tmp_path / "data", n_train=8)
 
     def cfg(out: str, **kw: int) -> DiffusionConfig:
-        ddpm = DDPMOptions(image_size=32, width=8, levels=2)
+        ddpm = DDPMOptions(crop=16, width=8, levels=2)
         kw = {"steps": 6, "batch_size": 4, "save_every": 2} | kw
-        return DiffusionConfig(data=DataConfig(path=str(data)), ddpm=ddpm, out=out, **kw)
+        data_cfg = DataConfig(path=str(data), image_size=32)
+        return DiffusionConfig(data=data_cfg, ddpm=ddpm, out=out, **kw)
 
     unbroken, _ = load_ddpm(train_ddpm(cfg(str(tmp_path / "a")), progress=False))
     loss, calls = DDPM.loss, []
@@ -189,6 +233,8 @@ def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
             str(run),
             "--image-size",
             "32",
+            "--crop",
+            "16",
             "--steps",
             "3",
             "--no-progress",

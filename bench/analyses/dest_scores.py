@@ -2,7 +2,9 @@
 half, image score from the segmentation head (the mean of its top pixels, the model's rule, or
 its maximum) or from the denoising student's disagreement with the teacher (1 - cos per scale,
 each scale divided by its mean on the held-out good training images, summed, smoothed, maximum:
-RD's map and score). Pixel metrics for both maps too.
+RD's map and score), or both: the sum of the two scores, each standardised by its mean and
+standard deviation on the held-out good training images (the head's map). Pixel metrics for
+both maps too.
 
     python bench/analyses/dest_scores.py \
         runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
@@ -54,17 +56,32 @@ def main() -> None:
     args = checkpoint_parser(__doc__).parse_args()
     det = Detector.load(args.checkpoint)
     _, held = training_samples(det.cfg.data)
-    means = [m.mean() for m in outputs(det, held)["cos"]]
+    good = outputs(det, held)
+    means = [m.mean() for m in good["cos"]]
+    blur = GaussianBlur(4.0)
+
+    def student_map(o: dict) -> np.ndarray:
+        cos = sum(m / mu for m, mu in zip(o["cos"], means))  # (N, H, W)
+        return blur(torch.from_numpy(np.ascontiguousarray(cos))).numpy()
+
+    good_student = student_map(good).reshape(len(held), -1).max(1)
+    good_head = good["head_score"]
     test = mtd_half(det.cfg.data.path)
     o = outputs(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
-    cos = sum(m / mu for m, mu in zip(o["cos"], means))  # (N, H, W)
-    cos = GaussianBlur(4.0)(torch.from_numpy(np.ascontiguousarray(cos))).numpy()
+    cos = student_map(o)
+    student = cos.reshape(len(test), -1).max(1)
+
+    def z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        return (x - ref.mean()) / ref.std()
+
+    both = z(o["head_score"], good_head) + z(student, good_student)
     rows = {
         "head, top mean": (o["head_score"], o["head"]),
         "head, max": (o["head"].reshape(len(test), -1).max(1), o["head"]),
-        "student, max": (cos.reshape(len(test), -1).max(1), cos),
+        "student, max": (student, cos),
+        "head + student, z on held-out good": (both, o["head"]),
     }
     result = {}
     for name, (scores, amap) in rows.items():

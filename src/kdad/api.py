@@ -159,7 +159,8 @@ def synth_train(
     out: str | Path = DiffusionConfig.out,
     layout: str | None = None,
     category: str | None = None,
-    image_size: int = DDPMOptions.image_size,
+    image_size: int | list[int] | str = DataConfig.image_size,
+    crop: int = DDPMOptions.crop,
     steps: int = DiffusionConfig.steps,
     batch_size: int = DiffusionConfig.batch_size,
     lr: float = DiffusionConfig.lr,
@@ -168,14 +169,17 @@ def synth_train(
     device: str = DiffusionConfig.device,
     progress: bool = True,
 ) -> Path:
-    """Train a DDPM of a dataset's good training images (square ``image_size``, gray or colour
-    as the images are) to paint synthetic defects; returns ``out``/ddpm.pt. An interrupted
-    training in ``out`` with the same settings resumes from its last save."""
+    """Train a DDPM of a dataset's good training images (``crop``-square crops of them at the
+    detector's ``image_size``, gray or colour as the images are) to paint synthetic defects;
+    returns ``out``/ddpm.pt. An interrupted training in ``out`` with the same settings resumes
+    from its last save."""
     from kdad.synth.diffusion import train_ddpm
 
     cfg = DiffusionConfig(
-        data=DataConfig(path=str(data), layout=layout or "auto", category=category),
-        ddpm=DDPMOptions(image_size=image_size, width=width, channels=0),
+        data=DataConfig(
+            path=str(data), layout=layout or "auto", category=category, image_size=image_size
+        ),
+        ddpm=DDPMOptions(crop=crop, width=width, channels=0),
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -193,9 +197,11 @@ def synth_sample(
     data: str | None = None,
     strength: float = PaintConfig.strength,
     sigma: float = PaintConfig.sigma,
+    grain: float = PaintConfig.grain,
     steps: int = PaintConfig.steps,
     seed: int = PaintConfig.seed,
     min_change: float = PaintConfig.min_change,
+    mask_sigma: float = PaintConfig.mask_sigma,
     progress: bool = True,
 ) -> tuple[Path, Path]:
     """Paint ``count`` defects with a trained DDPM into the MVTec-layout folder ``out`` (images
@@ -204,7 +210,16 @@ def synth_sample(
     from kdad.synth.bank import synthetic_gallery
     from kdad.synth.diffusion import sample_defects
 
-    paint = PaintConfig(count, strength, sigma, steps, seed, min_change=min_change)
+    paint = PaintConfig(
+        count=count,
+        strength=strength,
+        sigma=sigma,
+        grain=grain,
+        steps=steps,
+        seed=seed,
+        min_change=min_change,
+        mask_sigma=mask_sigma,
+    )
     folder = sample_defects(model, out, paint, data, progress=progress)
     return folder / "synthetic.csv", synthetic_gallery(folder)
 

@@ -82,6 +82,18 @@ def _data_args(p: argparse.ArgumentParser, required: bool, several: bool = False
         p.add_argument("--category", help="MVTec category, when --data is the dataset root")
 
 
+def _image_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-size",
+        type=_auto_or("pixels"),
+        nargs="+",
+        metavar="SIZE",
+        help="auto: a square, or the training images' aspect when they share one that a square "
+        "would squash; an input side; or HEIGHT WIDTH "
+        f"(default {_shown(DataConfig, 'image_size')})",
+    )
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, value read as YAML: numbers, booleans, lists)."""
     key, sep, value = text.partition("=")
@@ -163,15 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {_shown(TrainConfig, 'epochs')})",
     )
     t.add_argument("--batch-size", type=int, help=f"default {_shown(TrainConfig, 'batch_size')}")
-    t.add_argument(
-        "--image-size",
-        type=_auto_or("pixels"),
-        nargs="+",
-        metavar="SIZE",
-        help="auto: a square, or the training images' aspect when they share one that a square "
-        "would squash; an input side; or HEIGHT WIDTH "
-        f"(default {_shown(DataConfig, 'image_size')})",
-    )
+    _image_size_arg(t)
     t.add_argument(
         "--augment",
         nargs="+",
@@ -289,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = syv.add_parser("train", help="train the DDPM on a dataset's good training images")
     _data_args(st, required=True)
     _setting(st, DiffusionConfig, "out", "run folder (gets ddpm.pt)")
-    _setting(st, DDPMOptions, "image_size", "DDPM resolution")
+    _image_size_arg(st)
+    _setting(st, DDPMOptions, "crop", "side of the crops learnt")
     _setting(st, DiffusionConfig, "steps", "optimiser steps")
     _setting(st, DiffusionConfig, "batch_size")
     _setting(st, DiffusionConfig, "lr")
@@ -304,13 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--data", help="dataset (default: the one the DDPM learned)")
     _setting(ss, PaintConfig, "strength", "diffusion depth, 0-1")
     _setting(ss, PaintConfig, "sigma", "perturbation std")
+    _setting(ss, PaintConfig, "grain", "pixels over which the perturbation is correlated")
     _setting(ss, PaintConfig, "steps", "denoising steps")
     _setting(
         ss,
         PaintConfig,
         "min_change",
-        "a painted pixel is defect when it changed by more than this share of the range",
+        "a painted pixel is defect when its smoothed change exceeds this share of the range",
     )
+    _setting(ss, PaintConfig, "mask_sigma", "smoothing of the change, pixels")
     _setting(ss, PaintConfig, "seed")
     ss.add_argument("--no-progress", action="store_true")
 
@@ -411,15 +418,19 @@ def _serve(args: argparse.Namespace) -> None:
 def _synth_train(args: argparse.Namespace) -> None:
     from kdad import api
 
-    names = ("data", "out", "layout", "category", "image_size", "steps", "batch_size", "lr")
+    names = ("data", "out", "layout", "category", "steps", "batch_size", "lr", "crop")
     names += ("width", "seed", "device")
-    print(f"ddpm: {api.synth_train(**_pick(args, *names), progress=not args.no_progress)}")
+    size = args.image_size or [DataConfig.image_size]
+    size = size[0] if len(size) == 1 else size
+    picked = _pick(args, *names)
+    print(f"ddpm: {api.synth_train(**picked, image_size=size, progress=not args.no_progress)}")
 
 
 def _synth_sample(args: argparse.Namespace) -> None:
     from kdad import api
 
-    names = ("model", "out", "count", "data", "strength", "sigma", "steps", "seed", "min_change")
+    names = ("model", "out", "count", "data", "strength", "sigma", "grain", "steps", "seed")
+    names += ("min_change", "mask_sigma")
     csv_path, gallery = api.synth_sample(**_pick(args, *names), progress=not args.no_progress)
     print(f"defects: {csv_path}\ngallery: {gallery}")
 

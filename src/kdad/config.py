@@ -128,11 +128,12 @@ class ServeConfig:
 class DDPMOptions:
     """The diffusion model's architecture and schedule (saved with its checkpoint)."""
 
-    image_size: int = 64  # training and sampling resolution (square)
+    crop: int = 64  # side of the square crops it learns, from images at the detector's size
     channels: int = 3  # 1 for gray parts, 3 for colour
     width: int = 32  # channels of the first U-Net level, doubled per level
-    levels: int = 3  # resolutions: image_size / 2^0 .. 2^(levels - 1)
+    levels: int = 3  # resolutions: 2^0 .. 2^(levels - 1) times smaller
     timesteps: int = 1000
+    max_depth: float = 0.5  # steps learnt: those below this share of the schedule
 
 
 @dataclass
@@ -141,12 +142,13 @@ class DiffusionConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     ddpm: DDPMOptions = field(default_factory=DDPMOptions)
-    steps: int = 4000  # optimiser steps (about 20 min on 2 CPU cores at 64x64)
+    steps: int = 4000  # optimiser steps
     save_every: int = 250  # steps between saves of the training state, to resume from
     batch_size: int = 16
     lr: float = 2e-4
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the device has it natively
     out: str = "runs/ddpm"
 
 
@@ -155,12 +157,15 @@ class PaintConfig:
     """How ``kdad synth sample`` paints defects with a trained DDPM."""
 
     count: int = 200  # defects to paint
-    strength: float = 0.1  # diffusion depth, 0-1: the share of the schedule noised and denoised
-    sigma: float = 2.0  # std of the Gaussian perturbation inside the region ([-1, 1] range)
-    steps: int = 25  # DDIM denoising steps
+    strength: float = 0.3  # diffusion depth, 0-1: the share of the schedule noised and denoised
+    sigma: float = 1.0  # std of the Gaussian perturbation inside the region ([-1, 1] range)
+    grain: float = 8.0  # pixels over which the perturbation is correlated; 0: white noise
+    steps: int = 10  # DDIM denoising steps
     seed: int = 0
     batch_size: int = 16
-    min_change: float = 8 / 255  # a painted pixel is defect when it changed by more than this
+    min_change: float = 8 / 255  # a pixel is defect where its smoothed change exceeds this
+    mask_sigma: float = 0.0  # Gaussian smoothing (pixels) of the change before that test
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the CPU has it natively
 
 
 def _plain(x: Any) -> Any:

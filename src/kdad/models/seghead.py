@@ -73,7 +73,8 @@ def defect_set(
             from kdad.synth.diffusion import paint_bank
 
             steps, count, seed = opt.ddpm_steps, opt.ddpm_count, images.seed
-            source = paint_bank(images.samples, folder, steps, count, seed, str(device), progress)
+            size, dev = images.size, str(device)
+            source = paint_bank(images.samples, size, folder, steps, count, seed, dev, progress)
         bank = read_bank(source, images.samples)
     return SyntheticTrainSet.around(images, opt.defect_prob, bank)
 

@@ -7,7 +7,9 @@ import csv
 import html
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from kdad.data.layouts import Sample
 from kdad.errors import KdadError
@@ -37,15 +39,24 @@ def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, 
     return bank
 
 
+def outlined(image: Path, mask: Path) -> Image.Image:
+    """``image`` with the border of ``mask`` (same size) drawn in red, 2 pixels wide."""
+    rgb = np.array(Image.open(image).convert("RGB"))
+    m = np.array(Image.open(mask).convert("L")) > 127
+    edge = ndimage.binary_dilation(m, iterations=2) & ~m
+    rgb[edge] = (255, 0, 0)
+    return Image.fromarray(rgb)
+
+
 def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Path:
     """``folder``/gallery.html from a `kdad synth sample` folder: each of the first ``top``
-    defects beside its clean source and its mask."""
+    defects beside its clean source, and again with its mask outlined."""
     folder = Path(folder)
     with open(folder / "synthetic.csv", newline="") as f:
         rows = list(csv.DictReader(f))[:top]
 
-    def thumb(path: Path) -> str:
-        im = Image.open(path)
+    def thumb(path: Path | Image.Image) -> str:
+        im = path if isinstance(path, Image.Image) else Image.open(path)
         im.thumbnail((width, width))
         return png_uri(im)
 
@@ -53,7 +64,12 @@ def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Pa
         "<div>"
         + img_tag(thumb(Path(r["source"])), "source", f"source {Path(r['source']).name}", "thumb")
         + img_tag(thumb(folder / r["image"]), "synthetic defect", r["image"], "thumb")
-        + img_tag(thumb(folder / r["mask"]), "mask", "its mask", "thumb")
+        + img_tag(
+            thumb(outlined(folder / r["image"], folder / r["mask"])),
+            "mask outlined",
+            "its mask outlined",
+            "thumb",
+        )
         + "</div>"
         for r in rows
     ]

@@ -4,9 +4,12 @@ with constant-variance Gaussian noise, diffused to an intermediate step and deno
 the rest of the image held to the original (DDIM steps, RePaint-style re-imposition outside the
 mask), so the defect is blended into the part's own texture and lighting.
 
-The network is a plain U-Net (ResNet blocks with GroupNorm, SiLU and a sinusoidal timestep
-embedding; no attention, to stay fast on a CPU); epsilon prediction, linear betas 1e-4..0.02
-over T = 1000 steps, as in the paper. Images are in [-1, 1].
+The network is a plain, fully convolutional U-Net (ResNet blocks with GroupNorm, SiLU and a
+sinusoidal timestep embedding; no attention, to stay fast on a CPU); epsilon prediction, linear
+betas 1e-4..0.02 over T = 1000 steps, as in the paper. Two departures, both measured
+(docs/models.md): it learns crops of the images at the detector's own input size, so it paints
+at the scale the detector sees and can paint a whole image of any size; and it learns only the
+steps painting uses (below ``max_depth`` T). Images are in [-1, 1].
 """
 
 from __future__ import annotations
@@ -96,11 +99,23 @@ class DDPM(nn.Module):
     def __init__(self, opt: DDPMOptions | None = None) -> None:
         super().__init__()
         self.opt = opt or DDPMOptions()
-        if self.opt.image_size % 2 ** (self.opt.levels - 1):
-            raise ValueError(f"image_size must be a multiple of {2 ** (self.opt.levels - 1)}")
+        if self.opt.crop % self.multiple:
+            raise ValueError(f"crop must be a multiple of {self.multiple}")
+        if not 0 < self.opt.max_depth <= 1:
+            raise ValueError(f"max_depth must be in (0, 1], got {self.opt.max_depth}")
         self.net = UNet(self.opt)
         betas = torch.linspace(1e-4, 0.02, self.opt.timesteps, dtype=torch.float64)
         self.register_buffer("alpha_bar", torch.cumprod(1 - betas, 0).float(), persistent=False)
+
+    @property
+    def multiple(self) -> int:
+        """Image sides must be multiples of this (the U-Net halves them levels - 1 times)."""
+        return 2 ** (self.opt.levels - 1)
+
+    @property
+    def deepest(self) -> int:
+        """The last step learnt: training draws steps below ``max_depth`` T."""
+        return max(1, round(self.opt.max_depth * self.opt.timesteps)) - 1
 
     def noised(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample q(x_t | x_0) for per-sample steps t: (B, C, S, S)."""
@@ -108,8 +123,9 @@ class DDPM(nn.Module):
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def loss(self, x0: Tensor) -> Tensor:
-        """Epsilon-prediction MSE at uniformly drawn steps (Ho et al.'s simple loss)."""
-        t = torch.randint(0, self.opt.timesteps, (len(x0),), device=x0.device)
+        """Epsilon-prediction MSE at steps drawn uniformly up to ``deepest`` (Ho et al.'s simple
+        loss, on the part of the schedule that painting uses)."""
+        t = torch.randint(0, self.deepest + 1, (len(x0),), device=x0.device)
         noise = torch.randn_like(x0)
         return F.mse_loss(self.net(self.noised(x0, t, noise), t), noise)
 
@@ -118,26 +134,35 @@ class DDPM(nn.Module):
         self,
         x0: Tensor,
         mask: Tensor,
-        strength: float = 0.5,
-        sigma: float = 0.5,
-        steps: int = 25,
+        strength: float,
+        sigma: float,
+        grain: float,
+        steps: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Repaint the masked region of (B, C, S, S) images in [-1, 1] as a defect.
+        """Repaint the masked region of (B, C, H, W) images in [-1, 1] as a defect.
 
-        Inside ``mask`` (B, 1, S, S) the image gets Gaussian noise of constant std ``sigma``,
-        is diffused to step ``strength`` T and denoised in ``steps`` DDIM steps; outside, each
-        step re-imposes the original diffused to the same level, and the result keeps the
-        original exactly.
+        Inside ``mask`` (B, 1, H, W) the image gets Gaussian noise of constant std ``sigma``,
+        white or, with ``grain`` > 0, correlated over about ``grain`` pixels (a blotch, not a
+        speck), is diffused to step ``strength`` T and denoised in ``steps`` DDIM steps;
+        outside, each step re-imposes the original diffused to the same level, and the result
+        keeps the original exactly. Sides are padded by reflection to the U-Net's multiple.
         """
         dev = x0.device
+        h, w = x0.shape[-2:]
+        pad = (0, -w % self.multiple, 0, -h % self.multiple)
+        x0, mask = F.pad(x0, pad, mode="reflect"), F.pad(mask, pad)
 
         def randn() -> Tensor:
             return torch.randn(x0.shape, generator=generator, device=dev)
 
-        t0 = max(1, min(self.opt.timesteps - 1, int(strength * self.opt.timesteps)))
+        t0 = int(strength * self.opt.timesteps)
+        if not 1 <= t0 <= self.deepest:
+            top = (self.deepest + 1) / self.opt.timesteps
+            raise ValueError(f"strength must be in [0.001, {top:g}] (this DDPM's max_depth)")
         ts = torch.linspace(t0, 0, min(steps, t0) + 1, device=dev).round().long().tolist()
-        perturbed = torch.where(mask > 0, (x0 + sigma * randn()).clamp(-1, 1), x0)
+        noise = unit_field(randn(), grain)
+        perturbed = torch.where(mask > 0, (x0 + sigma * noise).clamp(-1, 1), x0)
         x = self.noised(perturbed, torch.full((len(x0),), t0, device=dev), randn())
         for t, t_prev in itertools.pairwise(ts):
             ab, ab_prev = self.alpha_bar[t], self.alpha_bar[t_prev]
@@ -146,4 +171,29 @@ class DDPM(nn.Module):
             x = ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps
             known = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * randn()
             x = torch.where(mask > 0, x, known)
-        return torch.where(mask > 0, x.clamp(-1, 1), x0)
+        return torch.where(mask > 0, x.clamp(-1, 1), x0)[..., :h, :w]
+
+
+def gaussian_kernel(sigma: float) -> Tensor:
+    """A normalised 1-D Gaussian of std ``sigma`` pixels, 3 sigma each side: (K,)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflected borders."""
+    k = gaussian_kernel(sigma).to(x)
+    r, c = len(k) // 2, x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect" if min(x.shape[-2:]) > r else "replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def unit_field(noise: Tensor, grain: float) -> Tensor:
+    """White Gaussian ``noise`` (B, C, H, W), or with ``grain`` > 0 blurred over that many
+    pixels and rescaled to unit std per image and channel: Gaussian, of constant variance."""
+    if grain <= 0:
+        return noise
+    field = blur(noise, grain)
+    return field / field.std((2, 3), keepdim=True).clamp_min(1e-8)

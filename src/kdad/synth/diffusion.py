@@ -13,29 +13,46 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from kdad.config import DataConfig, DDPMOptions, DiffusionConfig, PaintConfig
-from kdad.data.dataset import resize_image
+from kdad.data.dataset import AUTO, choose_size, input_hw, resize_image
 from kdad.data.io import read_image
 from kdad.data.layouts import Sample, training_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdad.engine.distributed import resolve_device
+from kdad.engine.distributed import native_bf16, resolve_device
 from kdad.engine.loop import optimiser_step, progress_bar, random_state, restore_random_state
 from kdad.errors import KdadError
 from kdad.files import atomic_write
-from kdad.synth.ddpm import DDPM
+from kdad.synth.ddpm import DDPM, blur
 from kdad.synth.perlin import perlin_mask
 
 
-def _load(path: Path, size: int, channels: int) -> torch.Tensor:
-    """An image as (channels, size, size) in [-1, 1] (gray: the mean of its channels)."""
+def _load(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """An image as (channels, H, W) of ``size`` in [-1, 1] (gray: the mean of its channels)."""
     x = resize_image(torch.from_numpy(read_image(path)).permute(2, 0, 1), size)
     x = x.mean(0, keepdim=True) if channels == 1 else x
     return x * 2 - 1
+
+
+# the detector's side multiple (engine.fit.size_multiple) for an ``auto`` size: the DDPM paints at
+# the size the detector will read its defects
+_SIZE_MULTIPLE = 32
+
+
+def _crops(images: Tensor, crop: int, count: int, g: torch.Generator) -> Tensor:
+    """``count`` random ``crop``-square crops of random ``images`` (N, C, H, W) uint8, each
+    flipped left-right at random: (count, C, crop, crop) in [-1, 1]."""
+    n, _, h, w = images.shape
+    idx = torch.randint(n, (count,), generator=g).tolist()
+    top = torch.randint(h - crop + 1, (count,), generator=g).tolist()
+    left = torch.randint(w - crop + 1, (count,), generator=g).tolist()
+    flip = (torch.rand(count, generator=g) < 0.5).tolist()
+    out = [images[i, :, y : y + crop, x : x + crop] for i, y, x in zip(idx, top, left)]
+    out = [c.flip(-1) if f else c for c, f in zip(out, flip)]
+    return torch.stack(out).float() / 127.5 - 1
 
 
 def _is_gray(paths: list[Path]) -> bool:
@@ -62,9 +79,11 @@ def train_ddpm(
     cfg: DiffusionConfig, progress: bool = True, samples: list[Sample] | None = None
 ) -> Path:
     """Train the DDPM of ``cfg`` into ``cfg.out``/ddpm.pt on ``samples``, by default the good
-    training images of ``cfg.data``; never overwrites a finished one. Every ``save_every``
-    steps the training state goes to ddpm.partial.pt, from which an interrupted training with
-    the same settings resumes (on a CPU, to the weights an unbroken one gives)."""
+    training images of ``cfg.data``, on random crops of them at ``cfg.data.image_size`` (the
+    detector's input size; ``auto`` chooses it as training does); never overwrites a finished
+    one. Every ``save_every`` steps the training state goes to ddpm.partial.pt, from which an
+    interrupted training with the same settings resumes (on a CPU, to the weights an unbroken
+    one gives)."""
     out = Path(cfg.out)
     ckpt, partial = out / "ddpm.pt", out / "ddpm.partial.pt"
     if ckpt.exists():
@@ -78,10 +97,21 @@ def train_ddpm(
         raise KdadError(f"channels must be 0 (auto), 1 or 3, got {cfg.ddpm.channels}")
     if cfg.ddpm.channels == 0:
         cfg.ddpm.channels = 1 if _is_gray([s.path for s in samples[:16]]) else 3
+    if cfg.data.image_size == AUTO:
+        cfg.data.image_size = choose_size(samples, _SIZE_MULTIPLE)[0]
+    hw = input_hw(cfg.data.image_size)
+    if min(hw) < cfg.ddpm.crop:
+        raise KdadError(f"image size {hw[0]}x{hw[1]} is smaller than the crop {cfg.ddpm.crop}")
     device = resolve_device(cfg.device)
+    if cfg.precision == AUTO:
+        cfg.precision = "bf16" if native_bf16(device) else "fp32"
+    if cfg.precision not in ("fp32", "bf16"):
+        raise KdadError(f"precision must be fp32, bf16 or auto, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed)
     model = DDPM(cfg.ddpm).to(device)
-    images = torch.stack([_load(s.path, cfg.ddpm.image_size, cfg.ddpm.channels) for s in samples])
+    images = torch.stack(  # (N, C, H, W) uint8: a crop is drawn from these at each step
+        [((_load(s.path, hw, cfg.ddpm.channels) + 1) * 127.5).round().byte() for s in samples]
+    )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     step, losses, spent = 0, [], 0.0
@@ -112,11 +142,9 @@ def train_ddpm(
     out.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(cfg.steps, step, progress)
     while step < cfg.steps:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-        x = images[idx]
-        flip = torch.rand(len(x), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-        loss = model.loss(x)
+        x = _crops(images, cfg.ddpm.crop, cfg.batch_size, g).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = model.loss(x)
         optimiser_step(opt, loss)
         losses.append(loss.item())
         step += 1
@@ -144,33 +172,48 @@ def load_ddpm(path: str | Path) -> tuple[DDPM, dict[str, Any]]:
 _REDRAWS = 10
 
 
+def defect_mask(out: Tensor, x0: Tensor, region: Tensor, paint: PaintConfig) -> Tensor:
+    """The defect's label: the pixels of ``region`` (B, 1, H, W) bool where painting ``x0`` into
+    ``out`` (B, C, H, W) in [-1, 1] changed the value, smoothed over ``paint.mask_sigma``
+    pixels, by more than ``paint.min_change`` of the range."""
+    change = (out - x0).abs().amax(1, keepdim=True) / 2  # (B, 1, H, W) in [0, 1]
+    change = blur(change, paint.mask_sigma) if paint.mask_sigma > 0 else change
+    return region & (change > paint.min_change)
+
+
 def paint_changed(
-    model: DDPM,
-    x0: Tensor,
-    rng: np.random.Generator,
-    gen: torch.Generator,
-    strength: float,
-    sigma: float,
-    steps: int,
-    min_change: float,
+    model: DDPM, x0: Tensor, rng: np.random.Generator, gen: torch.Generator, paint: PaintConfig
 ) -> tuple[Tensor, Tensor]:
-    """Paint Perlin regions of (B, C, S, S) images in [-1, 1]: (painted, masks (B, 1, S, S)),
-    each mask the region's pixels that changed by more than ``min_change`` and never empty."""
-    size = x0.shape[-1]
-    painted, masks = x0.clone(), torch.zeros(len(x0), 1, size, size)
+    """Paint Perlin regions of (B, C, H, W) images in [-1, 1]: (painted, masks (B, 1, H, W)),
+    each mask the region's pixels whose change, smoothed over ``paint.mask_sigma`` pixels,
+    exceeds ``paint.min_change`` of the value range; never empty. Only masked pixels keep their
+    paint, so the mask is exactly what differs from the source."""
+    p, hw = paint, tuple(x0.shape[-2:])
+    device = torch.device("cpu")
+    bf16 = p.precision == "bf16" or (p.precision == AUTO and native_bf16(device))
+    painted, masks = x0.clone(), torch.zeros(len(x0), 1, *hw)
     todo = torch.arange(len(x0))
     for _ in range(_REDRAWS):
-        region = torch.from_numpy(np.stack([perlin_mask((size, size), rng) for _ in todo]))[:, None]
-        out = model.paint(x0[todo], region.float(), strength, sigma, steps, gen)
-        changed = region & ((out - x0[todo]).abs().amax(1, keepdim=True) / 2 > min_change)
-        painted[todo], masks[todo] = out, changed.float()
+        region = torch.from_numpy(np.stack([perlin_mask(hw, rng) for _ in todo]))[:, None]
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            out = model.paint(x0[todo], region.float(), p.strength, p.sigma, p.grain, p.steps, gen)
+        out = out.float()
+        changed = defect_mask(out, x0[todo], region, p)
+        painted[todo] = torch.where(changed, out, x0[todo])  # only what the mask says changed
+        masks[todo] = changed.float()
         todo = todo[changed.flatten(1).sum(1) == 0]
         if not len(todo):
             return painted, masks
     raise KdadError(
-        f"painting changed no pixel by more than {min_change:.3f} in {_REDRAWS} Perlin regions "
+        f"painting changed no pixel by more than {p.min_change:.3f} in {_REDRAWS} Perlin regions "
         "of one image: raise --sigma or lower --strength"
     )
+
+
+def _save_image(x: Tensor, path: Path) -> None:
+    """(C, H, W) in [0, 1], C 1 or 3, as an 8-bit PNG."""
+    a = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
 
 
 def sample_defects(
@@ -182,15 +225,15 @@ def sample_defects(
     samples: list[Sample] | None = None,
 ) -> Path:
     """Paint ``paint.count`` defects on good training images (``samples``, by default those of
-    the DDPM's data, or of ``data``; cycled in a seeded order) and write
-    them at each source's resolution: ``out``/test/ddpm/NNNN.png, ``out``/ground_truth/ddpm/
-    NNNN_mask.png and ``out``/synthetic.csv (image, mask, source), written last.
+    the DDPM's data, or of ``data``; cycled in a seeded order) at the size the DDPM learnt
+    them (the detector's input size) and write them: ``out``/test/ddpm/NNNN.png,
+    ``out``/ground_truth/ddpm/NNNN_mask.png and ``out``/synthetic.csv (image, mask, source),
+    written last.
 
-    A defect's mask is the part of its Perlin region that painting changed by more than
-    ``paint.min_change`` (of the value range): a DDPM of a few images repaints much of a region
-    as it was (saturated or black background, memorised content), and labelling that as defect would
-    teach a segmentation head noise. Only the masked pixels are pasted; a region left wholly
-    unchanged is drawn again (at most ``_REDRAWS`` times).
+    A defect's mask is the part of its Perlin region that painting changed (``paint_changed``):
+    where the DDPM repainted the region as it was, nothing is labelled, so the head is never
+    taught that unchanged pixels are defects. A region left wholly unchanged is drawn again (at
+    most ``_REDRAWS`` times).
     """
     model, cfg = load_ddpm(model_path)
     if samples is None:
@@ -206,33 +249,16 @@ def sample_defects(
     rng = np.random.default_rng(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
     order = rng.permutation(len(samples))
-    size, ch = model.opt.image_size, model.opt.channels
+    hw, ch = input_hw(cfg["data"]["image_size"]), model.opt.channels
     rows = []
     for start in tqdm(range(0, p.count, p.batch_size), disable=not progress, unit="batch"):
         idx = [int(order[i % len(order)]) for i in range(start, min(start + p.batch_size, p.count))]
-        x0 = torch.stack([_load(samples[i].path, size, ch) for i in idx])  # (B, ch, S, S)
-        painted, masks = paint_changed(
-            model, x0, rng, gen, p.strength, p.sigma, p.steps, p.min_change
-        )
+        x0 = torch.stack([_load(samples[i].path, hw, ch) for i in idx])  # (B, ch, H, W)
+        painted, masks = paint_changed(model, x0, rng, gen, p)
         for k, i in enumerate(idx):
-            n = start + k
-            src = read_image(samples[i].path)  # (H, W, 3) original resolution
-            h, w = src.shape[:2]
-            up = F.interpolate(
-                torch.cat([painted[k : k + 1] * 0.5 + 0.5, masks[k : k + 1]], 1),
-                size=(h, w),
-                mode="bilinear",
-            )[0]
-            region = up[-1].numpy() > 0.5  # (H, W)
-            paint = up[:-1].clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, ch)
-            img = np.where(region[..., None], np.broadcast_to(paint, src.shape), src)
-            name = f"{n:04d}"
-            Image.fromarray((img * 255).round().astype(np.uint8)).save(
-                out / "test" / "ddpm" / f"{name}.png"
-            )
-            Image.fromarray(region.astype(np.uint8) * 255).save(
-                out / "ground_truth" / "ddpm" / f"{name}_mask.png"
-            )
+            name = f"{start + k:04d}"
+            _save_image(painted[k] * 0.5 + 0.5, out / "test" / "ddpm" / f"{name}.png")
+            _save_image(masks[k], out / "ground_truth" / "ddpm" / f"{name}_mask.png")
             rows.append(
                 {
                     "image": f"test/ddpm/{name}.png",
@@ -253,6 +279,7 @@ def sample_defects(
 
 def paint_bank(
     samples: list[Sample],
+    size: tuple[int, int],
     folder: Path,
     steps: int,
     count: int,
@@ -260,8 +287,9 @@ def paint_bank(
     device: str,
     progress: bool = True,
 ) -> Path:
-    """A defect bank of ``samples`` made in ``folder``: a DDPM of them trained for ``steps``
-    into ``folder``/ddpm (kept once finished), then ``count`` defects painted with it into
+    """A defect bank of ``samples`` made in ``folder`` at the detector's input ``size``: a DDPM
+    of them trained for ``steps`` into ``folder``/ddpm (kept once finished), then ``count``
+    defects painted with it into
     ``folder``/defects (kept once its synthetic.csv is written); what exists is reused, so an
     interrupted or resumed run redoes only what is missing. Returns the bank folder."""
     ddpm, bank = folder / "ddpm", folder / "defects"
@@ -273,8 +301,16 @@ def paint_bank(
                     f"to paint defects into {bank}",
                     file=sys.stderr,
                 )
+            opt = DDPMOptions(channels=0)
+            step = 2 ** (opt.levels - 1)
+            opt.crop = min(opt.crop, min(size) // step * step)  # images smaller than the crop
             cfg = DiffusionConfig(
-                ddpm=DDPMOptions(channels=0), steps=steps, seed=seed, device=device, out=str(ddpm)
+                data=DataConfig(image_size=list(size)),
+                ddpm=opt,
+                steps=steps,
+                seed=seed,
+                device=device,
+                out=str(ddpm),
             )
             train_ddpm(cfg, progress, samples)
         if progress:
