@@ -23,7 +23,7 @@ from kdad.models import model_from_config
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
 from kdad.synth.ddpm import DDPM, unit_field
-from kdad.synth.diffusion import load_ddpm, paint_changed, train_ddpm
+from kdad.synth.diffusion import load_ddpm, paint_changed, train_ddpm, visibility
 
 
 def kdad(*args: str) -> subprocess.CompletedProcess:
@@ -102,21 +102,38 @@ def test_defect_masks_are_the_pixels_painting_changed() -> None:
     torch.manual_seed(0)
     model = DDPM(DDPMOptions(crop=16, channels=1, width=16, levels=2)).eval()
     x0 = torch.rand(4, 1, 16, 16) * 2 - 1
-    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    paint = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_change=0.1)
-    painted, masks = paint_changed(model, x0, rng, gen, paint)
+
+    def paint(**kw: float) -> PaintConfig:
+        raw = dict(strength=0.1, sigma=0.5, grain=0, steps=5, mask_sigma=0, min_visibility=0)
+        return PaintConfig(**(raw | {"min_change": 0.1} | kw))
+
+    def drawn(cfg: PaintConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+        return paint_changed(model, x0, rng, gen, cfg)
+
+    painted, masks = drawn(paint())
     change = (painted - x0).abs() / 2  # share of the value range
     assert masks.flatten(1).sum(1).min() > 0  # never empty
     assert torch.equal(masks > 0, change > 0.1)  # exactly the pixels changed by more than 0.1
     assert (change[masks == 0] == 0).all()  # what changed too little keeps the source
-    smooth = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_change=0.05, mask_sigma=1.5)
-    painted, masks = paint_changed(model, x0, rng, gen, smooth)
+    painted, masks = drawn(paint(min_change=0.05, mask_sigma=1.5))
     assert torch.equal(masks > 0, painted != x0)  # the mask is exactly what differs
     assert ((painted - x0).abs()[masks > 0] / 2 < 0.05).any()  # smoothing keeps weak pixels
-
     with pytest.raises(KdadError, match="raise --sigma"):
-        no_pixel = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_change=1.0)
-        paint_changed(model, x0, rng, gen, no_pixel)
+        drawn(paint(min_change=1.0))  # no pixel can change that much
+
+
+def test_faint_defects_are_drawn_again_and_the_most_visible_kept() -> None:
+    torch.manual_seed(0)
+    model = DDPM(DDPMOptions(crop=16, channels=1, width=16, levels=2)).eval()
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    kept = {}
+    for bound in (0.0, 1e9):  # the first visible draw, or the best of all draws
+        cfg = PaintConfig(strength=0.1, sigma=0.5, steps=5, min_visibility=bound)
+        rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+        painted, masks = paint_changed(model, x0, rng, gen, cfg)
+        kept[bound] = visibility(painted, x0, masks > 0)
+    assert (kept[1e9] >= kept[0.0]).all() and (kept[1e9] > kept[0.0]).any()
 
 
 @pytest.mark.slow

@@ -56,7 +56,8 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
 
 
 def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
-    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"top_share": 0.01})
+    options = {"top_share": 0.01, "image_score": "head"}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
     with torch.no_grad():
         out = model.eval()(_batch()["image"])
     amap = out.anomaly_map
@@ -64,6 +65,34 @@ def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
     k = round(0.01 * 64 * 64)
     expected = amap.flatten(1).sort(1, descending=True).values[:, :k].mean(1)
     assert torch.allclose(out.score, expected)
+
+
+def test_score_adds_the_students_disagreement_both_standardised_on_good_images() -> None:
+    torch.manual_seed(0)
+    model = build_model("dest_ddpm", "resnet18", pretrained=False).eval()
+    head = build_model("dest_ddpm", "resnet18", pretrained=False, options={"image_score": "head"})
+    head.load_state_dict(model.state_dict())
+    head.eval()
+    good = [torch.rand(4, 3, 64, 64) for _ in range(3)]
+    with torch.no_grad():
+        model.fit_normal(iter(good))
+        scores = torch.cat([model(x).score for x in good])
+        heads = torch.cat([head(x).score for x in good])
+        t = [model.teacher(x) for x in good]
+        s = [model.student(x) for x in good]
+    maps = [[1 - torch.cosine_similarity(a, b, dim=1) for a, b in zip(*p)] for p in zip(t, s)]
+    means = torch.stack([torch.cat([m[i].flatten() for m in maps]).mean() for i in range(3)])
+    assert torch.allclose(model.scale_weights, 1 / means)  # each scale by its normal level
+    student = torch.cat([model.student_score(m, (64, 64)) for m in maps])
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    assert torch.allclose(scores, z(heads) + z(student), atol=1e-4)
+    assert abs(scores.mean()) < 1e-4  # good images score about 0
+    old = {k: v for k, v in model.state_dict().items() if k not in ("normal", "scale_weights")}
+    model.load_state_dict(old)  # a checkpoint from before scores by its head alone
+    with torch.no_grad():
+        assert torch.allclose(torch.cat([model(x).score for x in good]), heads)
+    with pytest.raises(KdadError, match="image_score must be"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"image_score": "max"})
 
 
 def test_bad_defect_options_are_refused() -> None:

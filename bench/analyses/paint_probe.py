@@ -8,9 +8,9 @@ Per defect (gray levels 0-255, the channels' mean):
 - ``change``: mean |painted - source| over the mask;
 - ``coherence``: mean |change blurred over 2 px| / mean |change| over the mask (1: a blotch or
   a level step, about 0.2: white specks);
-- ``visibility``: mean |change blurred over 2 px| over the mask, divided by the part's own
-  structure at that scale there (mean |source blurred over 2 px - source blurred over 8 px|):
-  above 1 the change stands out of the part's pattern;
+- ``visibility``: ``kdad.synth.diffusion.visibility``, mean |change blurred over 2 px| over the
+  mask, divided by the part's own structure at that scale there (mean |source blurred over 2 px
+  - source blurred over 8 px|): above 1 the change stands out of the part's pattern;
 - ``detail``: the painted pixels' finest texture (mean |x - x blurred over 1 px|) over the
   source's, in the mask (1: painted at full resolution; well under 1: a blurred upsampling);
 - ``specks``: share of the mask in 8-connected pieces under 16 pixels.
@@ -44,7 +44,7 @@ from kdad.config import DataConfig, PaintConfig
 from kdad.data.dataset import choose_size, input_hw
 from kdad.data.layouts import training_samples
 from kdad.engine.distributed import native_bf16
-from kdad.synth.diffusion import _load, defect_mask, load_ddpm
+from kdad.synth.diffusion import _load, defect_mask, load_ddpm, visibility
 from kdad.synth.perlin import perlin_mask
 
 SHEET_ROWS = 8
@@ -59,7 +59,6 @@ def measure(src: np.ndarray, out: np.ndarray, label: np.ndarray, region: np.ndar
 
     on = label
     mean = lambda x: float(np.abs(x)[on].mean()) if on.any() else 0.0  # noqa: E731
-    structure = mean(b(src, 2) - b(src, 8))
     pieces, n = ndimage.label(label, np.ones((3, 3)))
     sizes = ndimage.sum(label, pieces, range(1, n + 1)) if n else np.zeros(0)
     small = float(sizes[sizes < 16].sum() / max(1, label.sum()))
@@ -67,7 +66,6 @@ def measure(src: np.ndarray, out: np.ndarray, label: np.ndarray, region: np.ndar
         "labelled": float(label.sum() / max(1, region.sum())),
         "change": mean(delta),
         "coherence": mean(b(delta, 2)) / max(mean(delta), 1e-6),
-        "visibility": mean(b(delta, 2)) / max(structure, 1e-6),
         "detail": mean(out - b(out, 1)) / max(mean(src - b(src, 1)), 1e-6),
         "specks": small,
     }
@@ -131,11 +129,12 @@ def main() -> None:
                 labels, region = (up[:, -2:-1] > 0.5).float(), up[:, -1:] > 0.5
                 painted = torch.where(labels > 0, up[:, :-2], full[start : start + 16])
             src = full[start : start + 16]
+            seen = visibility(painted, src, labels > 0).tolist()
             for k in range(len(x0)):
                 s = (src[k].mean(0).numpy() + 1) * 127.5
                 o = (painted[k].mean(0).numpy() + 1) * 127.5
                 lab = labels[k, 0].numpy() > 0
-                rows.append(measure(s, o, lab, region[k, 0].numpy()))
+                rows.append(measure(s, o, lab, region[k, 0].numpy()) | {"visibility": seen[k]})
                 if len(sheet) < SHEET_ROWS:
                     sheet.append(
                         np.concatenate(

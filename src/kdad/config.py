@@ -142,7 +142,7 @@ class DiffusionConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     ddpm: DDPMOptions = field(default_factory=DDPMOptions)
-    steps: int = 4000  # optimiser steps
+    steps: int = 2000  # optimiser steps
     save_every: int = 250  # steps between saves of the training state, to resume from
     batch_size: int = 16
     lr: float = 2e-4
@@ -164,7 +164,10 @@ class PaintConfig:
     seed: int = 0
     batch_size: int = 16
     min_change: float = 8 / 255  # a pixel is defect where its smoothed change exceeds this
-    mask_sigma: float = 0.0  # Gaussian smoothing (pixels) of the change before that test
+    mask_sigma: float = 2.0  # Gaussian smoothing (pixels) of the change before that test
+    # a defect is drawn again unless its change stands this many times out of the part's own
+    # structure (synth.diffusion.visibility)
+    min_visibility: float = 3.0
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the CPU has it natively
 
 

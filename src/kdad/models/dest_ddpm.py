@@ -17,12 +17,19 @@ the abstract is silent; docs/models.md lists where it does not.
   L1 loss. Its width is 64 where DeSTSeg's is 256, for the CPU's sake (docs/models.md).
 - Two phases, as DeSTSeg: the first ``student_share`` (a fifth) of the epochs trains the
   student, the rest the head alone with the student frozen (its BatchNorm statistics too).
-- Map: the head's probability, bilinearly upsampled; score: the mean of its top ``top_share``
-  pixels (DeSTSeg's 100 highest of 256 x 256).
+- Map: the head's probability, bilinearly upsampled. Score (``image_score``): DeSTSeg's, the
+  mean of the head's top ``top_share`` pixels (DeSTSeg's 100 highest of 256 x 256), plus, by
+  default, the denoising student's own disagreement with the teacher (RD's map: 1 - cos per
+  scale, each scale weighted by 1 / its mean on held-out good images, summed, smoothed, its
+  max), each of the two standardised by its mean and standard deviation on the held-out good
+  training images. Not in DeSTSeg: the head, trained on synthetic defects only, misses real
+  ones unlike them that the student's disagreement finds (docs/models.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,8 +40,9 @@ from torch import Tensor, nn
 from kdad.backbones import build_backbone
 from kdad.backbones.resnet import make_stage
 from kdad.data.dataset import TrainSet
+from kdad.errors import KdadError
 from kdad.models.base import KDModel, Output, Phase
-from kdad.models.layers import kaiming_init, pixel_cosine_loss
+from kdad.models.layers import GaussianBlur, kaiming_init, pixel_cosine_loss
 from kdad.models.seghead import (
     HeadOptions,
     SegHead,
@@ -46,6 +54,16 @@ from kdad.models.seghead import (
     head_score_rule,
 )
 from kdad.synth.datasets import SyntheticTrainSet
+
+STUDENT_SIGMA = 4.0  # smoothing of the student's map, pixels (the family's, models.distill)
+HEAD_ONLY = torch.tensor([0.0, 1.0, 0.0, float("inf")])  # normal statistics scoring by the head
+
+
+@dataclass
+class DeSTOptions(HeadOptions):
+    """The head's options, and how images are scored."""
+
+    image_score: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
 
 
 class Denoised(NamedTuple):
@@ -59,11 +77,14 @@ class DeSTDDPM(KDModel):
     """Teacher on the clean image, denoising student on the defective one, segmentation head
     on their agreement."""
 
-    Options = HeadOptions
+    Options = DeSTOptions
 
     @property
     def score_rule(self) -> str:
-        return head_score_rule(self.opt)
+        rule = head_score_rule(self.opt)
+        if self.opt.image_score == "head":
+            return rule
+        return f"{rule}, plus the max of the student's map, each standardised on good images"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,6 +99,13 @@ class DeSTDDPM(KDModel):
         )
         self.head = SegHead(ch, self.opt.head_width)
         kaiming_init(self.bottleneck, self.decoder, self.head)
+        if self.opt.image_score not in ("head", "both"):
+            raise KdadError(f"image_score must be 'head' or 'both', got {self.opt.image_score!r}")
+        self.blur = GaussianBlur(STUDENT_SIGMA)
+        self.register_buffer("scale_weights", torch.ones(len(ch)))  # (S,) 1 / normal means
+        # mean and std of the head's and the student's scores on held-out good images
+        self.register_buffer("normal", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_load_state_dict_pre_hook(_head_only_if_missing)
 
     def phases(self, epochs: int) -> list[Phase]:
         return head_phases(self.opt, epochs)
@@ -107,17 +135,61 @@ class DeSTDDPM(KDModel):
             out.append(x)
         return out[::-1]
 
+    def student_score(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The student's image score from its per-scale 1 - cos maps (B, h_i, w_i): weighted,
+        upsampled to ``size``, summed, smoothed; the max per image (B,)."""
+        up = [
+            w * F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+            for w, m in zip(self.scale_weights, maps)
+        ]
+        return self.blur(sum(up)).flatten(1).amax(1)
+
+    def _scored(self, x: Tensor, t: list[Tensor]) -> tuple[Output, list[Tensor]]:
+        """The head's output for ``x`` and the per-scale 1 - cos maps of student and teacher."""
+        s = self.student(x)
+        out = head_output(self.head.segment(t, s), tuple(x.shape[-2:]), self.opt.top_share)
+        return out, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
+
+    @torch.no_grad()
+    def fit_normal(self, images: Iterable[Tensor]) -> None:
+        """With ``image_score`` both: the student's scale weights, then the mean and standard
+        deviation of both scores, on the held-out good ``images``."""
+        if self.opt.image_score == "head":
+            return
+        heads, maps, sizes = [], [], []
+        for x in images:
+            out, m = self._scored(x, self.teacher(x))
+            heads.append(out.score)
+            maps.append(m)
+            sizes.append(tuple(x.shape[-2:]))
+        means = torch.stack(
+            [torch.cat([m[i].flatten() for m in maps]).mean() for i in range(len(maps[0]))]
+        )
+        self.scale_weights.copy_(1 / means.clamp_min(1e-6))
+        student = torch.cat([self.student_score(m, size) for m, size in zip(maps, sizes)])
+        head = torch.cat(heads)
+
+        def spread(v: Tensor) -> Tensor:  # one image has none: its scores stay unscaled
+            return v.std() if len(v) > 1 else torch.ones(())
+
+        stats = [head.mean(), spread(head), student.mean(), spread(student)]
+        self.normal.copy_(torch.stack(stats).clamp_min(1e-6))
+
     def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Denoised | Output:
         """(B, 3, H, W) -> train: Denoised; eval: Output."""
         if self.training and self.phase != "head":
             return Denoised(self.student(x), None)
         t = self.teach(x, teacher)
-        with torch.no_grad():
-            s = self.student(x)
-        logits = self.head.segment(t, s)
         if self.training:
-            return Denoised(s, logits)
-        return head_output(logits, tuple(x.shape[-2:]), self.opt.top_share)
+            with torch.no_grad():
+                s = self.student(x)
+            return Denoised(s, self.head.segment(t, s))
+        out, maps = self._scored(x, t)
+        if self.opt.image_score == "head":
+            return out
+        hm, hs, sm, ss = self.normal
+        score = (out.score - hm) / hs + (self.student_score(maps, tuple(x.shape[-2:])) - sm) / ss
+        return Output(out.anomaly_map, score)
 
     def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:
         if out.logits is not None:
@@ -126,3 +198,12 @@ class DeSTDDPM(KDModel):
             t = self.teacher(batch["clean"])
         parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, out.student))}
         return {"loss": sum(parts.values()), **parts}
+
+
+def _head_only_if_missing(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any
+) -> None:
+    """A checkpoint from before the student's share in the score scores by the head alone, as
+    it did when saved."""
+    state_dict.setdefault(prefix + "scale_weights", torch.ones_like(module.scale_weights))
+    state_dict.setdefault(prefix + "normal", HEAD_ONLY.clone())

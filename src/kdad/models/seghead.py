@@ -31,7 +31,7 @@ class HeadOptions:
 
     defects: str = "ddpm"  # ddpm | perlin: where training defects come from
     ddpm_samples: str = field(default="", metadata={"path": True})  # a bank; "": paint one
-    ddpm_steps: int = 4000  # DDPM training steps when painting a bank
+    ddpm_steps: int = 2000  # DDPM training steps when painting a bank
     ddpm_count: int = 200  # defects painted into the bank
     defect_prob: float = 0.5  # share of training images given a defect
     student_share: float = 0.2  # share of epochs training the student (DeSTSeg's); then the head

@@ -181,17 +181,33 @@ def defect_mask(out: Tensor, x0: Tensor, region: Tensor, paint: PaintConfig) -> 
     return region & (change > paint.min_change)
 
 
+def visibility(out: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
+    """How far a painted defect stands out of the part's own pattern, per image (B,): the mean
+    |change| blurred over 2 px, over the mean |source blurred over 2 px - blurred over 8 px| (the
+    part's structure at that scale), both over ``mask`` (B, 1, H, W) bool; images (B, C, H, W)."""
+    gray_out, gray_src = out.mean(1, keepdim=True), x0.mean(1, keepdim=True)
+    change = blur(gray_out - gray_src, 2).abs()
+    structure = (blur(gray_src, 2) - blur(gray_src, 8)).abs()
+    m = mask.float()
+    area = m.flatten(1).sum(1).clamp_min(1)
+    mean_change = (change * m).flatten(1).sum(1) / area
+    return mean_change / ((structure * m).flatten(1).sum(1) / area).clamp_min(1e-6)
+
+
 def paint_changed(
     model: DDPM, x0: Tensor, rng: np.random.Generator, gen: torch.Generator, paint: PaintConfig
 ) -> tuple[Tensor, Tensor]:
     """Paint Perlin regions of (B, C, H, W) images in [-1, 1]: (painted, masks (B, 1, H, W)),
     each mask the region's pixels whose change, smoothed over ``paint.mask_sigma`` pixels,
     exceeds ``paint.min_change`` of the value range; never empty. Only masked pixels keep their
-    paint, so the mask is exactly what differs from the source."""
+    paint, so the mask is exactly what differs from the source. A defect that does not stand
+    ``paint.min_visibility`` times out of the part's own pattern (``visibility``) is drawn
+    again; after ``_REDRAWS`` draws the most visible one is kept."""
     p, hw = paint, tuple(x0.shape[-2:])
     device = torch.device("cpu")
     bf16 = p.precision == "bf16" or (p.precision == AUTO and native_bf16(device))
     painted, masks = x0.clone(), torch.zeros(len(x0), 1, *hw)
+    best = torch.full((len(x0),), -1.0)  # visibility of each image's kept draw; -1: none yet
     todo = torch.arange(len(x0))
     for _ in range(_REDRAWS):
         region = torch.from_numpy(np.stack([perlin_mask(hw, rng) for _ in todo]))[:, None]
@@ -199,15 +215,21 @@ def paint_changed(
             out = model.paint(x0[todo], region.float(), p.strength, p.sigma, p.grain, p.steps, gen)
         out = out.float()
         changed = defect_mask(out, x0[todo], region, p)
-        painted[todo] = torch.where(changed, out, x0[todo])  # only what the mask says changed
-        masks[todo] = changed.float()
-        todo = todo[changed.flatten(1).sum(1) == 0]
+        seen = visibility(out, x0[todo], changed)
+        seen[changed.flatten(1).sum(1) == 0] = -1  # nothing changed: no defect at all
+        better = seen > best[todo]
+        keep = todo[better]
+        painted[keep] = torch.where(changed[better], out[better], x0[keep])  # only the mask's
+        masks[keep], best[keep] = changed[better].float(), seen[better]
+        todo = todo[best[todo] < p.min_visibility]
         if not len(todo):
             return painted, masks
-    raise KdadError(
-        f"painting changed no pixel by more than {p.min_change:.3f} in {_REDRAWS} Perlin regions "
-        "of one image: raise --sigma or lower --strength"
-    )
+    if (best < 0).any():
+        raise KdadError(
+            f"painting changed no pixel by more than {p.min_change:.3f} in {_REDRAWS} Perlin "
+            "regions of one image: raise --sigma or lower --strength"
+        )
+    return painted, masks
 
 
 def _save_image(x: Tensor, path: Path) -> None:
