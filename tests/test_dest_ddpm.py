@@ -69,8 +69,9 @@ def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
 
 def test_score_adds_the_students_disagreement_both_standardised_on_good_images() -> None:
     torch.manual_seed(0)
-    model = build_model("dest_ddpm", "resnet18", pretrained=False).eval()
-    head = build_model("dest_ddpm", "resnet18", pretrained=False, options={"image_score": "head"})
+    both = {"image_score": "both"}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=both).eval()
+    head = build_model("dest_ddpm", "resnet18", pretrained=False)  # image_score head
     head.load_state_dict(model.state_dict())
     head.eval()
     good = [torch.rand(4, 3, 64, 64) for _ in range(3)]

@@ -15,7 +15,7 @@ Per defect (gray levels 0-255, the channels' mean):
   source's, in the mask (1: painted at full resolution; well under 1: a blurred upsampling);
 - ``specks``: share of the mask in 8-connected pieces under 16 pixels.
 Medians over the defects are reported, and a sheet of the first images (source, painted, painted
-with the mask outlined) per setting is written beside the JSON.
+with the mask outlined) per setting is written under ``--sheets`` (not kept in the repository).
 
     python bench/analyses/paint_probe.py --ddpm runs/paint/mtd256 \
         --data ../shared/data/magnetic-tile --set strength=0.1,0.2 grain=0,4 \
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], help="KEY=V1,V2 PaintConfig values swept")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--sheets", default="runs/paint_sheets", help="folder for the sheets (PNG)")
     a = ap.parse_args()
 
     model, cfg = load_ddpm(a.ddpm)
@@ -105,7 +106,7 @@ def main() -> None:
         k: [yaml.safe_load(v) for v in vs.split(",")] for k, vs in (s.split("=") for s in a.set)
     }
     results = []
-    sheets = Path(a.out).with_suffix("")
+    sheets = Path(a.sheets) / Path(a.out).stem
     sheets.mkdir(parents=True, exist_ok=True)
     for values in itertools.product(*grid.values()):
         setting = dict(zip(grid, values))

@@ -202,6 +202,7 @@ def synth_sample(
     seed: int = PaintConfig.seed,
     min_change: float = PaintConfig.min_change,
     mask_sigma: float = PaintConfig.mask_sigma,
+    min_visibility: float = PaintConfig.min_visibility,
     progress: bool = True,
 ) -> tuple[Path, Path]:
     """Paint ``count`` defects with a trained DDPM into the MVTec-layout folder ``out`` (images
@@ -219,6 +220,7 @@ def synth_sample(
         seed=seed,
         min_change=min_change,
         mask_sigma=mask_sigma,
+        min_visibility=min_visibility,
     )
     folder = sample_defects(model, out, paint, data, progress=progress)
     return folder / "synthetic.csv", synthetic_gallery(folder)

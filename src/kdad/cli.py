@@ -318,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a painted pixel is defect when its smoothed change exceeds this share of the range",
     )
     _setting(ss, PaintConfig, "mask_sigma", "smoothing of the change, pixels")
+    _setting(
+        ss,
+        PaintConfig,
+        "min_visibility",
+        "a fainter defect is drawn again (its change over the part's structure)",
+    )
     _setting(ss, PaintConfig, "seed")
     ss.add_argument("--no-progress", action="store_true")
 
@@ -430,7 +436,7 @@ def _synth_sample(args: argparse.Namespace) -> None:
     from kdad import api
 
     names = ("model", "out", "count", "data", "strength", "sigma", "grain", "steps", "seed")
-    names += ("min_change", "mask_sigma")
+    names += ("min_change", "mask_sigma", "min_visibility")
     csv_path, gallery = api.synth_sample(**_pick(args, *names), progress=not args.no_progress)
     print(f"defects: {csv_path}\ngallery: {gallery}")
 
