@@ -151,3 +151,25 @@ def test_student_decoder_climbs_by_bilinear_upsampling_as_destseg() -> None:
     with torch.no_grad():
         t, s = model.teacher(x), model.student(x)
     assert [f.shape for f in s] == [f.shape for f in t]
+
+
+def test_unet_student_denoises_into_the_teachers_features_and_is_frozen_for_the_head() -> None:
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"student": "unet"})
+    assert not hasattr(model, "encoder") and model.sfm is None  # STU-Seg's U-Net, no skips
+    x = torch.randn(2, 3, 72, 100)
+    with torch.no_grad():
+        t, s = model.teacher(x), model.student(x)
+    assert [f.shape for f in s] == [f.shape for f in t]
+    batch = _batch()
+    model.phase = "student"
+    model.train()
+    model.loss(batch, model(batch["image"]))["loss"].backward()
+    assert all(p.grad is not None for part in model.unet_parts() for p in part.parameters())
+    model.zero_grad(set_to_none=True)
+    model.phase = "head"
+    model.train()
+    assert not any(part.training for part in model.unet_parts()) and model.head.training
+    model.loss(batch, model(batch["image"]))["loss"].backward()
+    assert all(p.grad is None for part in model.unet_parts() for p in part.parameters())
+    with pytest.raises(KdadError, match="student must be"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"student": "vit"})

@@ -53,6 +53,7 @@ from kdad.models.seghead import (
     head_phases,
     head_score_rule,
 )
+from kdad.models.unet import UNetStudent
 from kdad.synth.datasets import SyntheticTrainSet
 
 STUDENT_SIGMA = 4.0  # smoothing of the student's map, pixels (the family's, models.distill)
@@ -64,6 +65,8 @@ class DeSTOptions(HeadOptions):
     """The head's options, and how images are scored."""
 
     image_score: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
+    student: str = "destseg"  # destseg: the teacher's architecture from scratch | unet: STU-Seg's
+    unet_width: int = 16  # with student unet: its first level's channels (no skips: a denoiser)
 
 
 class Denoised(NamedTuple):
@@ -73,7 +76,7 @@ class Denoised(NamedTuple):
     logits: Tensor | None  # (B, 1, h_0, w_0); None in phase one
 
 
-class DeSTDDPM(KDModel):
+class DeSTDDPM(KDModel, UNetStudent):
     """Teacher on the clean image, denoising student on the defective one, segmentation head
     on their agreement."""
 
@@ -90,15 +93,23 @@ class DeSTDDPM(KDModel):
         super().__init__(*args, **kwargs)
         check_defects(self.opt)
         ch = self.teacher.channels
-        net = build_backbone(self.teacher.backbone, pretrained=False)
-        self.encoder = nn.ModuleList(net.split(self.teacher.stages))
-        self.bottleneck = make_stage("basic", ch[-1], ch[-1], 2, 2)  # DeSTSeg: ResNet18's layer4
-        outs = [ch[-1], *ch[::-1]]  # the bottleneck's scale, then the teacher's, deepest first
-        self.decoder = nn.ModuleList(
-            make_stage("basic", cin, cout, 2, 1) for cin, cout in zip([ch[-1], *outs[:-1]], outs)
-        )
+        if self.opt.student not in ("destseg", "unet"):
+            raise KdadError(f"student must be 'destseg' or 'unet', got {self.opt.student!r}")
+        if self.opt.student == "unet":
+            self.build_unet(self.teacher, self.opt.unet_width, skips=False, sfm=False)
+        else:
+            net = build_backbone(self.teacher.backbone, pretrained=False)
+            self.encoder = nn.ModuleList(net.split(self.teacher.stages))
+            # one more stride-2 stage (DeSTSeg: ResNet18's layer4)
+            self.bottleneck = make_stage("basic", ch[-1], ch[-1], 2, 2)
+            outs = [ch[-1], *ch[::-1]]  # the bottleneck's scale, then the teacher's, deepest first
+            self.decoder = nn.ModuleList(
+                make_stage("basic", cin, cout, 2, 1)
+                for cin, cout in zip([ch[-1], *outs[:-1]], outs)
+            )
         self.head = SegHead(ch, self.opt.head_width)
-        kaiming_init(self.bottleneck, self.decoder, self.head)
+        fresh = [] if self.opt.student == "unet" else [self.bottleneck, self.decoder]
+        kaiming_init(*fresh, self.head)
         if self.opt.image_score not in ("head", "both"):
             raise KdadError(f"image_score must be 'head' or 'both', got {self.opt.image_score!r}")
         self.blur = GaussianBlur(STUDENT_SIGMA)
@@ -116,14 +127,22 @@ class DeSTDDPM(KDModel):
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)
         if self.phase == "head":  # the frozen student keeps its BatchNorm statistics
-            for part in (self.encoder, self.bottleneck, self.decoder):
+            for part in self.student_parts():
                 part.train(False)
         return self
 
+    def student_parts(self) -> list[nn.Module]:
+        """The student's modules."""
+        if self.opt.student == "unet":
+            return self.unet_parts()
+        return [self.encoder, self.bottleneck, self.decoder]
+
     def student(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) -> features at the teacher's scales, shallowest first: the encoder down
-        to one stage past the teacher's deepest, then basic blocks at each scale, climbing by
-        bilinear upsampling."""
+        """(B, 3, H, W) -> features at the teacher's scales, shallowest first: STU-Seg's U-Net
+        without skips, or DeSTSeg's: the encoder down to one stage past the teacher's deepest,
+        then basic blocks at each scale, climbing by bilinear upsampling."""
+        if self.opt.student == "unet":
+            return self.unet_student(x)
         sizes = []
         for piece in self.encoder:
             x = piece(x)

@@ -26,7 +26,6 @@ silent.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdad.data.dataset import TrainSet
-from kdad.errors import KdadError
 from kdad.models.base import Output, Phase
 from kdad.models.distill import Distiller, MapOptions, Pair
 from kdad.models.layers import (
-    SelectiveFusion,
-    conv_bn_relu,
     kaiming_init,
     pixel_cosine_loss,
 )
@@ -57,9 +53,10 @@ from kdad.models.seghead import (
     head_phases,
     head_score_rule,
 )
+from kdad.models.unet import UNetStudent
 
 
-class STUSeg(Distiller):
+class STUSeg(Distiller, UNetStudent):
     """Frozen teacher; U-Net student on the image; anomaly = 1 - cos(teacher, student)."""
 
     @dataclass
@@ -73,31 +70,7 @@ class STUSeg(Distiller):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         opt = self.opt
-        strides = self.teacher.strides
-        if any(s < 2 or s & (s - 1) for s in strides):
-            raise KdadError(f"STU-Seg needs power-of-two teacher strides, got {strides}")
-        self.levels = [int(math.log2(s)) - 1 for s in strides]  # U-Net level of each scale
-        depth, top = max(self.levels) + 1, min(self.levels)
-        widths = [opt.width * 2**j for j in range(depth)]  # level j has stride 2^(j+1)
-        self.down = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(cin, w, 2), conv_bn_relu(w, w))
-            for cin, w in zip([3, *widths[:-1]], widths)
-        )
-        up_levels = range(depth - 2, top - 1, -1)  # decoder levels, deepest first
-        self.up = nn.ModuleList(conv_bn_relu(widths[j + 1], widths[j]) for j in up_levels)
-        self.sfm = (
-            nn.ModuleList(SelectiveFusion(widths[j], 2) for j in up_levels)
-            if opt.skips and opt.sfm
-            else None
-        )
-        concat = opt.skips and not opt.sfm
-        self.refine = nn.ModuleList(
-            conv_bn_relu(2 * widths[j] if concat else widths[j], widths[j]) for j in up_levels
-        )
-        self.heads = nn.ModuleList(
-            nn.Conv2d(widths[j], c, 1) for j, c in zip(self.levels, self.teacher.channels)
-        )
-        kaiming_init(self.down, self.up, self.refine, self.heads)
+        self.build_unet(self.teacher, opt.width, opt.skips, opt.sfm)
         self.head = None
         if opt.seg_head:
             check_defects(opt)
@@ -124,27 +97,13 @@ class STUSeg(Distiller):
     def train(self, mode: bool = True) -> STUSeg:
         super().train(mode)
         if self.phase == "head":  # the frozen student keeps its BatchNorm statistics
-            for part in (self.down, self.up, self.sfm, self.refine, self.heads):
-                if part is not None:
-                    part.train(False)
+            for part in self.unet_parts():
+                part.train(False)
         return self
 
     def student(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) -> features at the teacher's scales and widths, in its order."""
-        enc = []
-        for level in self.down:
-            x = level(x)
-            enc.append(x)  # level j: (B, width 2^j, H / 2^(j+1), W / 2^(j+1))
-        dec = {len(enc) - 1: x}
-        for k, j in enumerate(range(len(enc) - 2, min(self.levels) - 1, -1)):
-            u = self.up[k](F.interpolate(x, size=enc[j].shape[-2:], mode="bilinear"))
-            if self.sfm is not None:
-                u = self.sfm[k]([u, enc[j]])
-            elif self.opt.skips:
-                u = torch.cat([u, enc[j]], 1)
-            x = self.refine[k](u)
-            dec[j] = x
-        return [head(dec[j]) for head, j in zip(self.heads, self.levels)]
+        return self.unet_student(x)
 
     def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Pair | Logits | Output:
         """(B, 3, H, W) -> train: teacher and student features, or the head's logits in its
