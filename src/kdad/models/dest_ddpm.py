@@ -18,12 +18,14 @@ the abstract is silent; docs/models.md lists where it does not.
 - Two phases, as DeSTSeg: the first ``student_share`` (a fifth) of the epochs trains the
   student, the rest the head alone with the student frozen (its BatchNorm statistics too).
 - Map: the head's probability, bilinearly upsampled. Score (``image_score``): DeSTSeg's, the
-  mean of the head's top ``top_share`` pixels (DeSTSeg's 100 highest of 256 x 256), plus, by
-  default, the denoising student's own disagreement with the teacher (RD's map: 1 - cos per
-  scale, each scale weighted by 1 / its mean on held-out good images, summed, smoothed, its
-  max), each of the two standardised by its mean and standard deviation on the held-out good
-  training images. Not in DeSTSeg: the head, trained on synthetic defects only, misses real
-  ones unlike them that the student's disagreement finds (docs/models.md).
+  mean of the head's top ``top_share`` pixels (DeSTSeg's 100 highest of 256 x 256); with
+  ``both`` (not in DeSTSeg, off by default: it lowered Magnetic Tile's dev image AUROC with
+  DeSTSeg's student, docs/models.md) plus the denoising student's own disagreement with the
+  teacher (RD's map: 1 - cos per scale, each scale weighted by 1 / its mean on held-out good
+  images, summed, smoothed, its max), each of the two standardised by its mean and standard
+  deviation on the held-out good training images.
+- Student (``student``): DeSTSeg's by default, or STU-Seg's U-Net without skips
+  (``models/unet.py``).
 """
 
 from __future__ import annotations
@@ -164,9 +166,12 @@ class DeSTDDPM(KDModel, UNetStudent):
         return self.blur(sum(up)).flatten(1).amax(1)
 
     def _scored(self, x: Tensor, t: list[Tensor]) -> tuple[Output, list[Tensor]]:
-        """The head's output for ``x`` and the per-scale 1 - cos maps of student and teacher."""
+        """The head's output for ``x`` and, with ``image_score`` both, the per-scale 1 - cos
+        maps of student and teacher (else none: scoring by the head needs none)."""
         s = self.student(x)
         out = head_output(self.head.segment(t, s), tuple(x.shape[-2:]), self.opt.top_share)
+        if self.opt.image_score == "head":
+            return out, []
         return out, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
 
     @torch.no_grad()
