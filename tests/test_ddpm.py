@@ -196,6 +196,11 @@ def test_interrupted_ddpm_training_resumes_to_the_unbroken_result(
     with pytest.raises(KdadError, match=r"partial\.pt: an interrupted DDPM training"):
         train_ddpm(cfg(str(tmp_path / "b"), steps=8), progress=False)
     resumed, _ = load_ddpm(train_ddpm(cfg(str(tmp_path / "b")), progress=False))
+    old = torch.load(tmp_path / "a" / "ddpm.pt", weights_only=True)
+    old["config"]["ddpm"] = {"image_size": 64, "channels": 3, "width": 8, "levels": 2}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(KdadError, match=r"old\.pt: a DDPM of whole 64x64 images"):
+        load_ddpm(tmp_path / "old.pt")
     assert not partial.exists()
     a, b = unbroken.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -164,6 +164,11 @@ def load_ddpm(path: str | Path) -> tuple[DDPM, dict[str, Any]]:
     state = load_checkpoint(path)
     if "config" not in state or "ddpm" not in state["config"]:
         raise KdadError(f"{path}: not a DDPM checkpoint from `kdad synth train`")
+    if "crop" not in state["config"]["ddpm"]:
+        raise KdadError(
+            f"{path}: a DDPM of whole 64x64 images from an older kdad, which paints blurred "
+            "defects; train a new one with `kdad synth train`"
+        )
     model = DDPM(DDPMOptions(**state["config"]["ddpm"]))
     model.load_state_dict(state["model"])
     return model.eval(), state["config"]
