@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_mvtec
+from PIL import Image
 
 from kdad.config import DataConfig, DDPMOptions, DiffusionConfig, PaintConfig, RunConfig
 from kdad.data.dataset import resize_image
@@ -239,6 +240,38 @@ def test_training_set_defects_are_seeded_and_bank_keeps_out_held_images(tmp_path
         read_bank(folder, fit[1:])
     with pytest.raises(KdadError, match=r"no synthetic\.csv"):
         read_bank(tmp_path, fit)
+
+
+def test_bank_share_mixes_painted_and_perlin_defects(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    fit, _ = training_samples(DataConfig(path=str(data), image_size=32))
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(folder / "white.png")
+    square = np.zeros((32, 32), np.uint8)
+    square[8:24, 8:24] = 255
+    Image.fromarray(square).save(folder / "white_mask.png")
+    with open(folder / "synthetic.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "mask", "source"])
+        w.writerows(["white.png", "white_mask.png", str(s.path)] for s in fit)
+    bank = read_bank(folder, fit)
+
+    def from_bank(share: float) -> list[bool]:
+        ds = SyntheticTrainSet(
+            fit, 32, (0, 0, 0), (1, 1, 1), defect_prob=1.0, bank=bank, bank_share=share
+        )
+        ds.set_epoch(0)
+        return [bool((ds[i]["image"] == 1).all()) for i in range(len(ds))]
+
+    assert all(from_bank(1.0)) and not any(from_bank(0.0))
+    mixed = from_bank(0.5)
+    assert any(mixed) and not all(mixed)
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 32, "dest_ddpm"
+    cfg.model.options = {"bank_share": 1.5}
+    with pytest.raises(KdadError, match=r"bank_share must be in \[0, 1\], got 1.5"):
+        model_from_config(cfg.model, pretrained=False)
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@ half, image score from the segmentation head (the mean of its top pixels, the mo
 its maximum) or from the denoising student's disagreement with the teacher (1 - cos per scale,
 each scale divided by its mean on the held-out good training images, summed, smoothed, maximum:
 RD's map and score), or both: the sum of the two scores, each standardised by its mean and
-standard deviation on the held-out good training images (the head's map). Pixel metrics for
-both maps too.
+standard deviation on the held-out good training images (the head's map, or the sum of both
+maps, each standardised over the good images' pixels). Pixel metrics for every map. With four
+scales, the student's map also without its shallowest (stride 4, as the default's deep student).
 
     python bench/analyses/dest_scores.py \
         runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
@@ -59,30 +60,38 @@ def main() -> None:
     good = outputs(det, held)
     means = [m.mean() for m in good["cos"]]
     blur = GaussianBlur(4.0)
+    deep = 1 if len(means) > 3 else 0  # with four scales, also the map without stride 4
 
-    def student_map(o: dict) -> np.ndarray:
-        cos = sum(m / mu for m, mu in zip(o["cos"], means))  # (N, H, W)
+    def student_map(o: dict, first: int = 0) -> np.ndarray:
+        cos = sum(m / mu for m, mu in list(zip(o["cos"], means))[first:])  # (N, H, W)
         return blur(torch.from_numpy(np.ascontiguousarray(cos))).numpy()
 
-    good_student = student_map(good).reshape(len(held), -1).max(1)
+    def peak(amap: np.ndarray) -> np.ndarray:
+        return amap.reshape(len(amap), -1).max(1)
+
+    good_maps = {"student": student_map(good), "student, deep": student_map(good, deep)}
     good_head = good["head_score"]
     test = mtd_half(det.cfg.data.path)
     o = outputs(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
-    cos = student_map(o)
-    student = cos.reshape(len(test), -1).max(1)
+    maps = {"student": student_map(o), "student, deep": student_map(o, deep)}
 
     def z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
         return (x - ref.mean()) / ref.std()
 
-    both = z(o["head_score"], good_head) + z(student, good_student)
     rows = {
         "head, top mean": (o["head_score"], o["head"]),
-        "head, max": (o["head"].reshape(len(test), -1).max(1), o["head"]),
-        "student, max": (student, cos),
-        "head + student, z on held-out good": (both, o["head"]),
+        "head, max": (peak(o["head"]), o["head"]),
     }
+    for name, amap in maps.items():
+        ref = good_maps[name]
+        both = z(o["head_score"], good_head) + z(peak(amap), peak(ref))
+        pixels = z(o["head"], good["head"]) + z(amap, ref)  # each map z over good pixels
+        rows[f"{name}, max"] = (peak(amap), amap)
+        rows[f"head + {name}, z scores"] = (both, o["head"])
+        rows[f"head + {name}, z scores and maps"] = (both, pixels)
+        rows[f"head + {name}, z maps, max"] = (peak(pixels), pixels)
     result = {}
     for name, (scores, amap) in rows.items():
         m = compute_metrics(scores, labels, amap, o["masks"])
@@ -91,7 +100,7 @@ def main() -> None:
         cells = [
             f"{k} {100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
         ]
-        print(f"{name:15s} " + " ".join(cells + [f"{c} {100 * v:.0f}" for c, v in per.items()]))
+        print(f"{name:40s} " + " ".join(cells + [f"{c} {100 * v:.0f}" for c, v in per.items()]))
     settings = {"checkpoint": str(args.checkpoint), "half": "dev", "held_out_good": len(held)}
     write_result(args.out, {"benchmark": "dest_scores", "settings": settings, "rows": result})
 

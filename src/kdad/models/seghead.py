@@ -34,6 +34,7 @@ class HeadOptions:
     ddpm_steps: int = 2000  # DDPM training steps when painting a bank
     ddpm_count: int = 200  # defects painted into the bank
     defect_prob: float = 0.5  # share of training images given a defect
+    bank_share: float = 1.0  # with defects ddpm: share of defects from the bank; the rest Perlin
     student_share: float = 0.2  # share of epochs training the student (DeSTSeg's); then the head
     top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
     head_width: int = 64  # DeSTSeg's 256 costs 10-13x as much a step on a CPU (docs/models.md)
@@ -45,6 +46,8 @@ def check_defects(opt: HeadOptions) -> None:
         raise KdadError(f"defects must be 'perlin' or 'ddpm', got {opt.defects!r}")
     if opt.ddpm_steps < 1 or opt.ddpm_count < 1:
         raise KdadError("ddpm_steps and ddpm_count must be at least 1")
+    if not 0 <= opt.bank_share <= 1:
+        raise KdadError(f"bank_share must be in [0, 1], got {opt.bank_share}")
 
 
 def head_score_rule(opt: HeadOptions) -> str:
@@ -76,7 +79,7 @@ def defect_set(
             size, dev = images.size, str(device)
             source = paint_bank(images.samples, size, folder, steps, count, seed, dev, progress)
         bank = read_bank(source, images.samples)
-    return SyntheticTrainSet.around(images, opt.defect_prob, bank)
+    return SyntheticTrainSet.around(images, opt.defect_prob, bank, opt.bank_share)
 
 
 class Logits(NamedTuple):

@@ -62,8 +62,8 @@ class SyntheticTrainSet(TrainSet):
     image with a defect (probability ``defect_prob``) or as it is, its clean version and the
     defect's mask, all in one random view of ``augment``. Defects are Perlin ones drawn afresh
     each epoch, or, given ``bank`` (triples of defective image, mask and clean source from `kdad
-    synth sample`), drawn from the bank. Everything is fixed by (seed, epoch, index): resuming
-    replays the same defects."""
+    synth sample`), drawn from the bank with probability ``bank_share``, else Perlin ones.
+    Everything is fixed by (seed, epoch, index): resuming replays the same defects."""
 
     def __init__(
         self,
@@ -75,19 +75,23 @@ class SyntheticTrainSet(TrainSet):
         augment: list[str] | tuple[str, ...] = (),
         defect_prob: float = 0.5,
         bank: list[tuple[Path, Path, Path]] | None = None,
+        bank_share: float = 1.0,
     ) -> None:
         super().__init__(samples, image_size, mean, std, seed, augment)
-        self.defect_prob, self.bank = defect_prob, bank
+        self.defect_prob, self.bank, self.bank_share = defect_prob, bank, bank_share
 
     @classmethod
     def around(
-        cls, images: TrainSet, defect_prob: float, bank: list[tuple[Path, Path, Path]] | None
+        cls,
+        images: TrainSet,
+        defect_prob: float,
+        bank: list[tuple[Path, Path, Path]] | None,
+        bank_share: float = 1.0,
     ) -> SyntheticTrainSet:
         """The training images ``images``, now carrying synthetic defects."""
         norm = (tuple(images.mean.flatten().tolist()), tuple(images.std.flatten().tolist()))
-        return cls(
-            images.samples, images.size, *norm, images.seed, images.augment, defect_prob, bank
-        )
+        size, seed, augment = images.size, images.seed, images.augment
+        return cls(images.samples, size, *norm, seed, augment, defect_prob, bank, bank_share)
 
     @property
     def repeats(self) -> bool:
@@ -99,7 +103,7 @@ class SyntheticTrainSet(TrainSet):
         clean = self.load(self.samples[i].path)  # (3, H, W)
         x, mask = clean, torch.zeros(self.size)
         if rng.random() < self.defect_prob:
-            if self.bank:
+            if self.bank and rng.random() < self.bank_share:
                 image, mask_path, source = self.bank[rng.integers(len(self.bank))]
                 x, clean = self.load(image), self.load(source)
                 mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
