@@ -173,3 +173,23 @@ def test_unet_student_denoises_into_the_teachers_features_and_is_frozen_for_the_
     assert all(p.grad is None for part in model.unet_parts() for p in part.parameters())
     with pytest.raises(KdadError, match="student must be"):
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"student": "vit"})
+
+
+def test_map_stages_feed_the_head_and_the_students_map_while_the_student_learns_all() -> None:
+    options = {"map_stages": ["layer2", "layer3"], "image_score": "both"}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
+    batch = _batch()
+    assert model.head[0][0].conv1.in_channels == 128 + 256  # layer2 and layer3, not layer1
+    model.phase = "student"
+    model.train()
+    assert set(model.loss(batch, model(batch["image"]))) == {"loss", "cos0", "cos1", "cos2"}
+    model.phase = "head"
+    logits = model(batch["image"]).logits
+    assert logits.shape == (4, 1, 8, 8)  # layer2's scale, stride 8
+    model.eval()
+    with torch.no_grad():
+        model.fit_normal(iter([batch["clean"]]))
+        out = model(batch["image"])
+    assert model.scale_weights.shape == (2,) and out.anomaly_map.shape == (4, 64, 64)
+    with pytest.raises(KdadError, match="map_stages must be some of the model's stages"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"map_stages": ["layer4"]})

@@ -26,6 +26,8 @@ the abstract is silent; docs/models.md lists where it does not.
   deviation on the held-out good training images.
 - Student (``student``): DeSTSeg's by default, or STU-Seg's U-Net without skips
   (``models/unet.py``).
+- ``map_stages`` (not in DeSTSeg): the teacher stages the head sees and the student's map sums;
+  the student still learns every stage (as the distillers' option of that name).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class DeSTOptions(HeadOptions):
     image_score: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
     student: str = "destseg"  # destseg: the teacher's architecture from scratch | unet: STU-Seg's
     unet_width: int = 16  # with student unet: its first level's channels (no skips: a denoiser)
+    map_stages: list[str] | None = None  # teacher stages the head and the student's map use
 
 
 class Denoised(NamedTuple):
@@ -109,13 +112,19 @@ class DeSTDDPM(KDModel, UNetStudent):
                 make_stage("basic", cin, cout, 2, 1)
                 for cin, cout in zip([ch[-1], *outs[:-1]], outs)
             )
-        self.head = SegHead(ch, self.opt.head_width)
+        keep = self.teacher.stages if self.opt.map_stages is None else self.opt.map_stages
+        if not keep or set(keep) - set(self.teacher.stages):
+            raise KdadError(
+                f"map_stages must be some of the model's stages {self.teacher.stages}, got {keep}"
+            )
+        self.map_scales = [i for i, n in enumerate(self.teacher.stages) if n in keep]
+        self.head = SegHead([ch[i] for i in self.map_scales], self.opt.head_width)
         fresh = [] if self.opt.student == "unet" else [self.bottleneck, self.decoder]
         kaiming_init(*fresh, self.head)
         if self.opt.image_score not in ("head", "both"):
             raise KdadError(f"image_score must be 'head' or 'both', got {self.opt.image_score!r}")
         self.blur = GaussianBlur(STUDENT_SIGMA)
-        self.register_buffer("scale_weights", torch.ones(len(ch)))  # (S,) 1 / normal means
+        self.register_buffer("scale_weights", torch.ones(len(self.map_scales)))  # 1 / normal means
         # mean and std of the head's and the student's scores on held-out good images
         self.register_buffer("normal", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_load_state_dict_pre_hook(_head_only_if_missing)
@@ -168,11 +177,15 @@ class DeSTDDPM(KDModel, UNetStudent):
     def _scored(self, x: Tensor, t: list[Tensor]) -> tuple[Output, list[Tensor]]:
         """The head's output for ``x`` and, with ``image_score`` both, the per-scale 1 - cos
         maps of student and teacher (else none: scoring by the head needs none)."""
-        s = self.student(x)
+        t, s = self.mapped(t), self.mapped(self.student(x))
         out = head_output(self.head.segment(t, s), tuple(x.shape[-2:]), self.opt.top_share)
         if self.opt.image_score == "head":
             return out, []
         return out, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
+
+    def mapped(self, feats: list[Tensor]) -> list[Tensor]:
+        """The scales of ``map_stages`` among all the teacher's (each (B, C_i, h_i, w_i))."""
+        return [feats[i] for i in self.map_scales]
 
     @torch.no_grad()
     def fit_normal(self, images: Iterable[Tensor]) -> None:
@@ -207,7 +220,7 @@ class DeSTDDPM(KDModel, UNetStudent):
         if self.training:
             with torch.no_grad():
                 s = self.student(x)
-            return Denoised(s, self.head.segment(t, s))
+            return Denoised(s, self.head.segment(self.mapped(t), self.mapped(s)))
         out, maps = self._scored(x, t)
         if self.opt.image_score == "head":
             return out
