@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from kdad.config import RunConfig, apply_overrides
 from kdad.data.layouts import find_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import native_bf16
-from kdad.engine.fit import fit
+from kdad.engine.fit import datasets, fit
 from kdad.engine.schedule import (
     auto_epochs,
     checkpoint_interval,
@@ -30,7 +31,7 @@ from kdad.engine.schedule import (
     stale_validations,
     validation_interval,
 )
-from kdad.errors import KdadError
+from kdad.errors import KdadError, KdadWarning
 from kdad.models import Phase
 
 
@@ -364,3 +365,39 @@ def test_teacher_features_cached_once_train_as_computed(mvtec: Path, tmp_path: P
     hc, hp = load_checkpoint(cached)["history"], load_checkpoint(plain)["history"]
     assert abs(hc[0]["loss"] - hp[0]["loss"]) < 1e-3 * hp[0]["loss"]
     assert hc[-1]["loss"] < hc[0]["loss"] and hp[-1]["loss"] < hp[0]["loss"]
+
+
+def test_denoising_students_clean_targets_cached_train_as_computed(
+    mvtec: Path, tmp_path: Path
+) -> None:
+    """With synthetic defects the inputs change every epoch but their clean versions do not:
+    the cache holds the clean images' features by ``clean_index``, and a DeST-DDPM run on it
+    follows one that recomputes them."""
+    from kdad.engine.teacher_cache import build_cache
+    from kdad.models import model_from_config
+
+    cfg = _cfg(mvtec, tmp_path / "cached", 2)
+    cfg.model.name, cfg.model.options = "dest_ddpm", {"defects": "perlin", "student_share": 0.5}
+    model = model_from_config(cfg.model, pretrained=False).eval()
+    ds, _ = datasets(cfg, model)
+    cache = build_cache(model.teacher, ds, torch.device("cpu"), 2**30)
+    assert cache is not None and cache.key == "clean_index"
+    items = [ds[i] for i in range(len(ds))]
+    assert any(x["mask"].any() for x in items)  # inputs with defects, looked up by clean
+    batch = {k: torch.stack([x[k] for x in items]) for k in ("image", "clean", "clean_index")}
+    assert cache.attach(batch) is None  # the inputs' own features are not these
+    with torch.no_grad():
+        fresh = model.teacher(batch["clean"])
+    for a, b in zip(fresh, batch["clean_teacher"]):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    cfg.data.augment = ["hflip"]  # views change the clean images too: nothing to cache
+    viewed, _ = datasets(cfg, model)
+    assert build_cache(model.teacher, viewed, torch.device("cpu"), 2**30) is None
+
+    cfg.data.augment = []
+    plain_cfg = copy.deepcopy(cfg)
+    plain_cfg.out, plain_cfg.train.teacher_cache_gb = str(tmp_path / "plain"), 0
+    with pytest.warns(KdadWarning, match="the head gets 2 optimiser steps"):
+        cached, plain = fit(cfg, progress=False), fit(plain_cfg, progress=False)
+    hc, hp = load_checkpoint(cached)["history"], load_checkpoint(plain)["history"]
+    assert abs(hc[0]["loss"] - hp[0]["loss"]) < 1e-3 * hp[0]["loss"]

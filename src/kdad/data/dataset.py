@@ -196,6 +196,11 @@ class TrainSet(ImageDataset):
         """Whether every epoch shows the same images (no views): what a cache may rely on."""
         return not self.augment
 
+    def teacher_inputs(self) -> tuple[TrainSet, str] | None:
+        """Images whose teacher features repeat every epoch, and the batch key that indexes
+        them: these very images ("index"), when they come in no views; else None."""
+        return (self, "index") if self.repeats else None
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -57,7 +57,7 @@ from kdad.engine.schedule import (
     stop_message,
     validation_interval,
 )
-from kdad.engine.teacher_cache import TeacherCache, build_cache, teacher_eligible
+from kdad.engine.teacher_cache import TeacherCache, build_cache
 from kdad.errors import KdadError, KdadWarning
 from kdad.metrics import METRIC_NAMES
 from kdad.models import KDModel, Phase, absolute_options, model_from_config
@@ -348,9 +348,10 @@ def _warn(run: _Run, steps: int, new: bool) -> None:
 
 
 def _fill_cache(run: _Run, say: bool) -> None:
-    """The frozen teacher's features of every training image, once, when its inputs repeat."""
+    """The frozen teacher's features of every training image, once, when its inputs (or their
+    clean versions) repeat."""
     gb = run.cfg.train.teacher_cache_gb
-    if gb <= 0 or not teacher_eligible(run.ds):
+    if gb <= 0:
         return
     run.cache = build_cache(run.model.teacher, run.ds, run.device, gb * 2**30)
     if say and run.cache is not None:
@@ -373,7 +374,7 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
     sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank
     for batch in _loader(run.ds, run.cfg, epoch, run.r):
         batch = {k: _to(v, run.device) for k, v in batch.items()}
-        given = None if run.cache is None else run.cache.features(batch["index"])
+        given = None if run.cache is None else run.cache.attach(batch)
         with torch.autocast(run.device.type, torch.bfloat16, enabled=t.precision == "bf16"):
             parts = run.model.loss(batch, run.net(batch["image"], given))
         optimiser_step(run.opt, parts["loss"])

@@ -5,10 +5,14 @@ defects), its teacher would compute the same features again each epoch: on a CPU
 a distillation step. The cache runs the teacher once over the training set, in index order and
 fixed batches (so a resumed run gets exactly the features an unbroken one had), and the
 training loop looks up each batch's features by its images' indices and passes them to the
-model with the batch (``KDModel.teach``).
+model with the batch (``KDModel.teach``). With synthetic defects the inputs change but their
+clean versions do not (``TrainSet.teacher_inputs``): the cache then holds the clean images'
+features, looked up by ``clean_index`` and handed over as the batch's ``clean_teacher``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,10 +24,11 @@ CHUNK = 16  # images per teacher pass while filling the cache
 
 
 class TeacherCache:
-    """Per-stage features (N, C, h, w) of the N training images, looked up by index."""
+    """Per-stage features (N, C, h, w) of the N training images, looked up by index: the
+    index of a batch's inputs (``key`` "index") or of their clean versions ("clean_index")."""
 
-    def __init__(self, feats: list[Tensor]) -> None:
-        self.feats = feats
+    def __init__(self, feats: list[Tensor], key: str = "index") -> None:
+        self.feats, self.key = feats, key
 
     @property
     def nbytes(self) -> int:
@@ -34,19 +39,26 @@ class TeacherCache:
         idx = indices.to(self.feats[0].device)
         return [f[idx].contiguous(memory_format=torch.channels_last) for f in self.feats]
 
-
-def teacher_eligible(ds: TrainSet) -> bool:
-    """Whether the teacher's inputs repeat every epoch: plain training images (no views, no
-    synthetic defects)."""
-    return ds.repeats
+    def attach(self, batch: dict[str, Any]) -> list[Tensor] | None:
+        """The features of ``batch``'s inputs, for the model's forward pass; with key
+        "clean_index" none, and those of the clean versions go into ``batch["clean_teacher"]``."""
+        feats = self.features(batch[self.key])
+        if self.key == "index":
+            return feats
+        batch["clean_teacher"] = feats
+        return None
 
 
 @torch.no_grad()
 def build_cache(
     teacher: torch.nn.Module, ds: TrainSet, device: torch.device, budget_bytes: float
 ) -> TeacherCache | None:
-    """The teacher's features of every image of ``ds``, on ``device``; None when they would
-    take more than ``budget_bytes``."""
+    """The teacher's features of every image whose features repeat (``ds.teacher_inputs``),
+    on ``device``; None when there are none or they would take more than ``budget_bytes``."""
+    inputs = ds.teacher_inputs()
+    if inputs is None:
+        return None
+    ds, key = inputs
     first = teacher(ds[0]["image"][None].to(device))
     per_image = sum(f[0].numel() * f.element_size() for f in first)
     if per_image * len(ds) > budget_bytes:
@@ -61,4 +73,4 @@ def build_cache(
         x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
         for store, f in zip(feats, teacher(x)):
             store[batch["index"].to(device)] = f
-    return TeacherCache(feats)
+    return TeacherCache(feats, key)

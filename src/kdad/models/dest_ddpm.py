@@ -231,8 +231,7 @@ class DeSTDDPM(KDModel, UNetStudent):
     def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:
         if out.logits is not None:
             return head_loss(out.logits, batch["mask"])
-        with torch.no_grad():
-            t = self.teacher(batch["clean"])
+        t = self.teach(batch["clean"], batch.get("clean_teacher"))  # the clean image's
         parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, out.student))}
         return {"loss": sum(parts.values()), **parts}
 

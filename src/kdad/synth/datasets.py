@@ -63,7 +63,9 @@ class SyntheticTrainSet(TrainSet):
     defect's mask, all in one random view of ``augment``. Defects are Perlin ones drawn afresh
     each epoch, or, given ``bank`` (triples of defective image, mask and clean source from `kdad
     synth sample`), drawn from the bank with probability ``bank_share``, else Perlin ones.
-    Everything is fixed by (seed, epoch, index): resuming replays the same defects."""
+    Everything is fixed by (seed, epoch, index): resuming replays the same defects. Items also
+    carry ``clean_index``, the training image that is their clean version (a bank defect's
+    source), by which the teacher's features of it can be looked up."""
 
     def __init__(
         self,
@@ -76,9 +78,12 @@ class SyntheticTrainSet(TrainSet):
         defect_prob: float = 0.5,
         bank: list[tuple[Path, Path, Path]] | None = None,
         bank_share: float = 1.0,
+        cache_bytes: float = 0.0,
     ) -> None:
-        super().__init__(samples, image_size, mean, std, seed, augment)
+        super().__init__(samples, image_size, mean, std, seed, augment, cache_bytes)
         self.defect_prob, self.bank, self.bank_share = defect_prob, bank, bank_share
+        index = {s.path.resolve(): i for i, s in enumerate(samples)}
+        self.sources = [index[source.resolve()] for *_, source in bank or []]  # bank's clean
 
     @classmethod
     def around(
@@ -91,7 +96,26 @@ class SyntheticTrainSet(TrainSet):
         """The training images ``images``, now carrying synthetic defects."""
         norm = (tuple(images.mean.flatten().tolist()), tuple(images.std.flatten().tolist()))
         size, seed, augment = images.size, images.seed, images.augment
-        return cls(images.samples, size, *norm, seed, augment, defect_prob, bank, bank_share)
+        return cls(
+            images.samples,
+            size,
+            *norm,
+            seed,
+            augment,
+            defect_prob,
+            bank,
+            bank_share,
+            images.cache_bytes,
+        )
+
+    def teacher_inputs(self) -> tuple[TrainSet, str] | None:
+        """The clean training images, indexed by ``clean_index``, when they come in no views."""
+        if self.augment:
+            return None
+        norm = (tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
+        plain = TrainSet(self.samples, self.size, *norm, self.seed, cache_bytes=self.cache_bytes)
+        plain.cached = self.cached  # one store of decoded images for both
+        return plain, "clean_index"
 
     @property
     def repeats(self) -> bool:
@@ -100,12 +124,14 @@ class SyntheticTrainSet(TrainSet):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        clean = self.load(self.samples[i].path)  # (3, H, W)
+        j = i  # the clean version's index
+        clean = self.image(i)  # (3, H, W)
         x, mask = clean, torch.zeros(self.size)
         if rng.random() < self.defect_prob:
             if self.bank and rng.random() < self.bank_share:
-                image, mask_path, source = self.bank[rng.integers(len(self.bank))]
-                x, clean = self.load(image), self.load(source)
+                k = rng.integers(len(self.bank))
+                (image, mask_path, _), j = self.bank[k], self.sources[k]
+                x, clean = self.load(image), self.image(j)
                 mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
             else:
                 img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng)
@@ -118,4 +144,5 @@ class SyntheticTrainSet(TrainSet):
             "mask": mask,
             "label": torch.tensor(int(bool(mask.any()))),
             "index": torch.tensor(i),
+            "clean_index": torch.tensor(j),
         }
