@@ -98,6 +98,8 @@ def test_every_backbone_declares_default_stages() -> None:
     for name, spec in BACKBONES.items():
         stages = spec.build().stages
         assert set(spec.default_stages) <= set(stages), name
+        assert [stages[s][1] for s in spec.default_stages] == [4, 8, 16], name
+        assert [stages[s][1] for s in spec.deep_stages] == [4, 8, 16, 32], name
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])

@@ -193,3 +193,28 @@ def test_map_stages_feed_the_head_and_the_students_map_while_the_student_learns_
     assert model.scale_weights.shape == (2,) and out.anomaly_map.shape == (4, 64, 64)
     with pytest.raises(KdadError, match="map_stages must be some of the model's stages"):
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"map_stages": ["layer4"]})
+
+
+def test_map_adds_the_students_map_both_standardised_over_good_pixels() -> None:
+    torch.manual_seed(0)
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"map": "both"})
+    head = build_model("dest_ddpm", "resnet18", pretrained=False)  # map head
+    head.load_state_dict(model.state_dict())
+    model.eval()
+    head.eval()
+    good = [torch.rand(4, 3, 64, 64) for _ in range(3)]
+    with torch.no_grad():
+        model.fit_normal(iter(good))
+        outs = [model(x) for x in good]
+        heads = [head(x) for x in good]
+        t, s = model.teacher(good[0]), model.student(good[0])
+    maps = [1 - torch.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
+    student = model.student_map(maps, (64, 64))  # (4, 64, 64)
+    hm, hs, sm, ss = model.pixel_normal
+    expected = (heads[0].anomaly_map - hm) / hs + (student - sm) / ss
+    assert torch.allclose(outs[0].anomaly_map, expected, atol=1e-4)
+    assert torch.allclose(torch.cat([o.score for o in outs]), torch.cat([h.score for h in heads]))
+    pixels = torch.cat([o.anomaly_map.flatten() for o in outs])
+    assert abs(pixels.mean()) < 1e-3  # good pixels sit about 0 on the summed scale
+    with pytest.raises(KdadError, match="map must be 'head' or 'both'"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"map": "max"})

@@ -31,10 +31,17 @@ from kdad.models.distill import scale_maps
 from kdad.models.layers import GaussianBlur
 
 
+def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
+    """The mean of the top ``share`` of each map's pixels: (N, H, W) -> (N,)."""
+    k = max(1, round(share * maps[0].numel()))
+    return maps.flatten(1).topk(k, dim=1).values.mean(1)
+
+
 @torch.no_grad()
 def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarray]:
-    """head: (N, H, W) head maps; head_score: (N,) model scores; cos: per scale (N, H, W) maps;
-    masks: (N, H, W)."""
+    """head: (N, H, W) head maps; head_score: (N,) the mean of each head map's top pixels (the
+    head's own score); model_score: (N,) the model's; cos: per scale (N, H, W) maps; masks:
+    (N, H, W)."""
     model = det.model.eval()
     ds = det.dataset(samples)
     head, score, cos, masks = [], [], [], []
@@ -47,7 +54,8 @@ def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarr
         cos.append(scale_maps(model.teacher(x), model.student(x), tuple(x.shape[-2:])))
     return {
         "head": torch.cat(head).numpy(),
-        "head_score": torch.cat(score).numpy(),
+        "head_score": top_mean(torch.cat(head), model.opt.top_share).numpy(),
+        "model_score": torch.cat(score).numpy(),
         "cos": [torch.cat(c).numpy() for c in zip(*cos)],
         "masks": torch.cat(masks).numpy() > 0.5,
     }
@@ -81,6 +89,7 @@ def main() -> None:
         return (x - ref.mean()) / ref.std()
 
     rows = {
+        "the model's score and map": (o["model_score"], o["head"]),
         "head, top mean": (o["head_score"], o["head"]),
         "head, max": (peak(o["head"]), o["head"]),
     }

@@ -21,13 +21,15 @@ _TV = "https://download.pytorch.org/models/"
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one backbone and feed it: weights, input normalisation, default stages."""
+    """How to build one backbone and feed it: weights, input normalisation, default stages
+    (strides 4-16), and the deep ones (those and stride 32) for models that default to them."""
 
     build: Callable[[], nn.Module]
     weights: WeightSource
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_stages: tuple[str, ...]
+    deep_stages: tuple[str, ...]
 
 
 def _lite(i: int, sha: str) -> BackboneSpec:
@@ -38,6 +40,7 @@ def _lite(i: int, sha: str) -> BackboneSpec:
         ),
         *_TF_LITE,
         default_stages=("stage2", "stage3", "stage5"),
+        deep_stages=("stage2", "stage3", "stage5", "stage6"),
     )
 
 
@@ -48,6 +51,7 @@ def _tv(name: str, sha: str) -> BackboneSpec:
         WeightSource(filename, url=_TV + filename),
         *_IMAGENET,
         default_stages=("layer1", "layer2", "layer3"),
+        deep_stages=("layer1", "layer2", "layer3", "layer4"),
     )
 
 

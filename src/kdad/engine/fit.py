@@ -46,6 +46,7 @@ from kdad.engine.lock import run_lock
 from kdad.engine.loop import optimiser_step, progress_bar, random_state, restore_random_state
 from kdad.engine.schedule import (
     LR_SCHEDULES,
+    STEPS,
     Pace,
     auto_epochs,
     checkpoint_interval,
@@ -60,7 +61,7 @@ from kdad.engine.schedule import (
 from kdad.engine.teacher_cache import TeacherCache, build_cache
 from kdad.errors import KdadError, KdadWarning
 from kdad.metrics import METRIC_NAMES
-from kdad.models import KDModel, Phase, absolute_options, model_from_config
+from kdad.models import MODELS, KDModel, Phase, absolute_options, model_from_config
 from kdad.synth.datasets import SyntheticValidationSet
 
 PRECISIONS = ("fp32", "bf16", AUTO)  # of training's forward; bf16 under autocast, weights fp32
@@ -262,6 +263,8 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
     cfg.model.options = absolute_options(cfg.model)
+    if cfg.model.stages is None and cfg.model.name in MODELS:  # saved: defaults may change
+        cfg.model.stages = MODELS[cfg.model.name].default_stages(cfg.model.backbone)
     return cfg, state
 
 
@@ -283,7 +286,7 @@ def _setup(cfg: RunConfig, state: dict[str, Any] | None, progress: bool) -> _Run
     ds, val = datasets(cfg, model, progress and r.main)
     if t.epochs == AUTO:
         steps = len(_loader(ds, cfg, 0, r))
-        t.epochs = auto_epochs(steps)
+        t.epochs = auto_epochs(steps, model.schedule_steps(STEPS))
         notes.append(f"kdad: {t.epochs} epochs, chosen: {t.epochs * steps} optimiser steps")
     if r.main:
         save_config(cfg, out / "config.yaml")

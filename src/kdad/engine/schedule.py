@@ -33,9 +33,10 @@ def validation_interval(val_every: int, steps_per_epoch: int, epochs: int, patie
     return epochs if patience == 0 else checkpoint_interval(steps_per_epoch)
 
 
-def auto_epochs(steps_per_epoch: int) -> int:
-    """``train.epochs: auto``: the epochs that make about ``STEPS`` optimiser steps."""
-    return max(1, round(STEPS / max(steps_per_epoch, 1)))
+def auto_epochs(steps_per_epoch: int, total: int = STEPS) -> int:
+    """``train.epochs: auto``: the epochs that make about ``total`` optimiser steps (``STEPS``,
+    or what a model makes of them: ``KDModel.schedule_steps``)."""
+    return max(1, round(total / max(steps_per_epoch, 1)))
 
 
 def phase_at(phases: list[Phase], epoch: int) -> Phase:

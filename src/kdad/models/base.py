@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from kdad.backbones import get_spec
 from kdad.data.dataset import TrainSet
 from kdad.errors import KdadError
 from kdad.models.teacher import Teacher
@@ -46,6 +47,7 @@ class KDModel(nn.Module):
 
     Options: type = object
     phase: str = ""  # the current phase's name, set by the training loop before every epoch
+    deep: bool = False  # default stages: the backbone's deep ones (to stride 32), else 4-16
 
     def __init__(
         self,
@@ -57,7 +59,15 @@ class KDModel(nn.Module):
     ) -> None:
         super().__init__()
         self.opt = options or self.Options()
-        self.teacher = Teacher(backbone, stages, pretrained, weights)
+        self.teacher = Teacher(
+            backbone, stages or self.default_stages(backbone), pretrained, weights
+        )
+
+    @classmethod
+    def default_stages(cls, backbone: str) -> list[str]:
+        """The teacher stages the model uses when none are named."""
+        spec = get_spec(backbone)
+        return list(spec.deep_stages if cls.deep else spec.default_stages)
 
     def teach(self, x: Tensor, given: list[Tensor] | None = None) -> list[Tensor]:
         """The frozen teacher's features of ``x`` (B, 3, H, W), shallowest first, without
@@ -90,6 +100,11 @@ class KDModel(nn.Module):
         """Fit what the model estimates from good images once trained: called in eval mode
         without gradients on the held-out good training images (never test images), before
         each validation and calibration, with batches (B, 3, H, W). By default nothing."""
+
+    def schedule_steps(self, steps: int) -> int:
+        """The optimiser steps of an automatic schedule, given the family's ``steps``: those,
+        unless the model's phases need more."""
+        return steps
 
     def phases(self, epochs: int) -> list[Phase]:
         """The training phases of a run of ``epochs``, in order: by default one."""

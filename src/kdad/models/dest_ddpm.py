@@ -69,6 +69,7 @@ class DeSTOptions(HeadOptions):
     """The head's options, and how images are scored."""
 
     image_score: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
+    map: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
     student: str = "destseg"  # destseg: the teacher's architecture from scratch | unet: STU-Seg's
     unet_width: int = 16  # with student unet: its first level's channels (no skips: a denoiser)
     map_stages: list[str] | None = None  # teacher stages the head and the student's map use
@@ -121,12 +122,16 @@ class DeSTDDPM(KDModel, UNetStudent):
         self.head = SegHead([ch[i] for i in self.map_scales], self.opt.head_width)
         fresh = [] if self.opt.student == "unet" else [self.bottleneck, self.decoder]
         kaiming_init(*fresh, self.head)
-        if self.opt.image_score not in ("head", "both"):
-            raise KdadError(f"image_score must be 'head' or 'both', got {self.opt.image_score!r}")
+        for name in ("image_score", "map"):
+            if getattr(self.opt, name) not in ("head", "both"):
+                value = getattr(self.opt, name)
+                raise KdadError(f"{name} must be 'head' or 'both', got {value!r}")
         self.blur = GaussianBlur(STUDENT_SIGMA)
         self.register_buffer("scale_weights", torch.ones(len(self.map_scales)))  # 1 / normal means
-        # mean and std of the head's and the student's scores on held-out good images
+        # mean and std of the head's and the student's scores, then of their maps' pixels, on
+        # held-out good images
         self.register_buffer("normal", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_buffer("pixel_normal", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_load_state_dict_pre_hook(_head_only_if_missing)
 
     def phases(self, epochs: int) -> list[Phase]:
@@ -165,21 +170,30 @@ class DeSTDDPM(KDModel, UNetStudent):
             out.append(x)
         return out[::-1]
 
-    def student_score(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """The student's image score from its per-scale 1 - cos maps (B, h_i, w_i): weighted,
-        upsampled to ``size``, summed, smoothed; the max per image (B,)."""
+    def student_map(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The student's map from its per-scale 1 - cos maps (B, h_i, w_i): weighted,
+        upsampled to ``size``, summed, smoothed: (B, H, W)."""
         up = [
             w * F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
             for w, m in zip(self.scale_weights, maps)
         ]
-        return self.blur(sum(up)).flatten(1).amax(1)
+        return self.blur(sum(up))
+
+    def student_score(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The student's image score: the max of its map per image (B,)."""
+        return self.student_map(maps, size).flatten(1).amax(1)
+
+    @property
+    def uses_student(self) -> bool:
+        """Whether the score or the map adds the student's own map to the head's."""
+        return "both" in (self.opt.image_score, self.opt.map)
 
     def _scored(self, x: Tensor, t: list[Tensor]) -> tuple[Output, list[Tensor]]:
-        """The head's output for ``x`` and, with ``image_score`` both, the per-scale 1 - cos
-        maps of student and teacher (else none: scoring by the head needs none)."""
+        """The head's output for ``x`` and, when the student's map is used, the per-scale
+        1 - cos maps of student and teacher (else none: the head alone needs none)."""
         t, s = self.mapped(t), self.mapped(self.student(x))
         out = head_output(self.head.segment(t, s), tuple(x.shape[-2:]), self.opt.top_share)
-        if self.opt.image_score == "head":
+        if not self.uses_student:
             return out, []
         return out, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
 
@@ -189,28 +203,39 @@ class DeSTDDPM(KDModel, UNetStudent):
 
     @torch.no_grad()
     def fit_normal(self, images: Iterable[Tensor]) -> None:
-        """With ``image_score`` both: the student's scale weights, then the mean and standard
-        deviation of both scores, on the held-out good ``images``."""
-        if self.opt.image_score == "head":
+        """When the student's map is used: its scale weights, then the mean and standard
+        deviation of both scores, and of both maps' pixels, on the held-out good ``images``."""
+        if not self.uses_student:
             return
-        heads, maps, sizes = [], [], []
+        outs, maps, sizes = [], [], []
         for x in images:
             out, m = self._scored(x, self.teacher(x))
-            heads.append(out.score)
+            outs.append(out)
             maps.append(m)
             sizes.append(tuple(x.shape[-2:]))
         means = torch.stack(
             [torch.cat([m[i].flatten() for m in maps]).mean() for i in range(len(maps[0]))]
         )
         self.scale_weights.copy_(1 / means.clamp_min(1e-6))
-        student = torch.cat([self.student_score(m, size) for m, size in zip(maps, sizes)])
-        head = torch.cat(heads)
+        student = [self.student_map(m, size) for m, size in zip(maps, sizes)]
+        scores = [
+            torch.cat([o.score for o in outs]),
+            torch.cat([m.flatten(1).amax(1) for m in student]),
+        ]
+        pixels = [
+            torch.cat([o.anomaly_map.flatten() for o in outs]),
+            torch.cat([m.flatten() for m in student]),
+        ]
 
-        def spread(v: Tensor) -> Tensor:  # one image has none: its scores stay unscaled
+        def spread(v: Tensor) -> Tensor:  # one value has none: it stays unscaled
             return v.std() if len(v) > 1 else torch.ones(())
 
-        stats = [head.mean(), spread(head), student.mean(), spread(student)]
-        self.normal.copy_(torch.stack(stats).clamp_min(1e-6))
+        self.normal.copy_(
+            torch.stack([f(v) for v in scores for f in (torch.mean, spread)]).clamp_min(1e-6)
+        )
+        self.pixel_normal.copy_(
+            torch.stack([f(v) for v in pixels for f in (torch.mean, spread)]).clamp_min(1e-6)
+        )
 
     def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Denoised | Output:
         """(B, 3, H, W) -> train: Denoised; eval: Output."""
@@ -222,11 +247,17 @@ class DeSTDDPM(KDModel, UNetStudent):
                 s = self.student(x)
             return Denoised(s, self.head.segment(self.mapped(t), self.mapped(s)))
         out, maps = self._scored(x, t)
-        if self.opt.image_score == "head":
+        if not self.uses_student:
             return out
-        hm, hs, sm, ss = self.normal
-        score = (out.score - hm) / hs + (self.student_score(maps, tuple(x.shape[-2:])) - sm) / ss
-        return Output(out.anomaly_map, score)
+        student = self.student_map(maps, tuple(x.shape[-2:]))  # (B, H, W)
+        score, amap = out.score, out.anomaly_map
+        if self.opt.image_score == "both":
+            hm, hs, sm, ss = self.normal
+            score = (score - hm) / hs + (student.flatten(1).amax(1) - sm) / ss
+        if self.opt.map == "both":
+            hm, hs, sm, ss = self.pixel_normal
+            amap = (amap - hm) / hs + (student - sm) / ss
+        return Output(amap, score)
 
     def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:
         if out.logits is not None:
@@ -243,3 +274,4 @@ def _head_only_if_missing(
     it did when saved."""
     state_dict.setdefault(prefix + "scale_weights", torch.ones_like(module.scale_weights))
     state_dict.setdefault(prefix + "normal", HEAD_ONLY.clone())
+    state_dict.setdefault(prefix + "pixel_normal", HEAD_ONLY.clone())
