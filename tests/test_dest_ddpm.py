@@ -23,7 +23,7 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
-    model = build_model("dest_ddpm", "resnet18", pretrained=False)
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"student": "destseg"})
     batch = _batch()
     student = [
         *model.encoder.parameters(),
@@ -35,7 +35,7 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
     model.phase = "student"
     model.train()
     parts = model.loss(batch, model(batch["image"]))
-    assert set(parts) == {"loss", "cos0", "cos1", "cos2"}
+    assert set(parts) == {"loss", "cos0", "cos1", "cos2", "cos3"}  # the deep stages, 4-32
     parts["loss"].backward()
     assert all(p.grad is not None for p in student)
     assert all(p.grad is None for p in model.head.parameters())
@@ -43,7 +43,7 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
 
     for epoch, epochs, seg in [(0, 1, False), (0, 2, False), (1, 2, True), (2, 4, True)]:
         assert (phase_at(model.phases(epochs), epoch).name == "head") == seg
-    model.phase = phase_at(model.phases(10), 5).name
+    model.phase = phase_at(model.phases(10), 7).name
     model.train()
     assert model.head.training and not model.encoder.training and not model.decoder.training
     stats = model.decoder[0][0].bn1.running_mean.clone()
@@ -56,7 +56,7 @@ def test_phase_one_trains_the_student_phase_two_the_head_alone() -> None:
 
 
 def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
-    options = {"top_share": 0.01, "image_score": "head"}
+    options = {"top_share": 0.01, "image_score": "head", "map": "head"}
     model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
     with torch.no_grad():
         out = model.eval()(_batch()["image"])
@@ -69,9 +69,10 @@ def test_map_is_a_probability_and_score_the_mean_of_its_top_pixels() -> None:
 
 def test_score_adds_the_students_disagreement_both_standardised_on_good_images() -> None:
     torch.manual_seed(0)
-    both = {"image_score": "both"}
+    both = {"image_score": "both", "map": "head"}
     model = build_model("dest_ddpm", "resnet18", pretrained=False, options=both).eval()
-    head = build_model("dest_ddpm", "resnet18", pretrained=False)  # image_score head
+    alone = {"image_score": "head", "map": "head"}
+    head = build_model("dest_ddpm", "resnet18", pretrained=False, options=alone)
     head.load_state_dict(model.state_dict())
     head.eval()
     good = [torch.rand(4, 3, 64, 64) for _ in range(3)]
@@ -79,8 +80,8 @@ def test_score_adds_the_students_disagreement_both_standardised_on_good_images()
         model.fit_normal(iter(good))
         scores = torch.cat([model(x).score for x in good])
         heads = torch.cat([head(x).score for x in good])
-        t = [model.teacher(x) for x in good]
-        s = [model.student(x) for x in good]
+        t = [model.mapped(model.teacher(x)) for x in good]
+        s = [model.mapped(model.student(x)) for x in good]
     maps = [[1 - torch.cosine_similarity(a, b, dim=1) for a, b in zip(*p)] for p in zip(t, s)]
     means = torch.stack([torch.cat([m[i].flatten() for m in maps]).mean() for i in range(3)])
     assert torch.allclose(model.scale_weights, 1 / means)  # each scale by its normal level
@@ -88,7 +89,8 @@ def test_score_adds_the_students_disagreement_both_standardised_on_good_images()
     z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
     assert torch.allclose(scores, z(heads) + z(student), atol=1e-4)
     assert abs(scores.mean()) < 1e-4  # good images score about 0
-    old = {k: v for k, v in model.state_dict().items() if k not in ("normal", "scale_weights")}
+    fitted = ("normal", "pixel_normal", "scale_weights")
+    old = {k: v for k, v in model.state_dict().items() if k not in fitted}
     model.load_state_dict(old)  # a checkpoint from before scores by its head alone
     with torch.no_grad():
         assert torch.allclose(torch.cat([model(x).score for x in good]), heads)
@@ -104,7 +106,8 @@ def test_bad_defect_options_are_refused() -> None:
 
 
 def test_too_few_head_steps_warn() -> None:
-    model = build_model("dest_ddpm", "resnet18", pretrained=False)
+    options = {"student_share": 0.2}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
     # the student's fifth of 12 epochs is 2 (rounded): 10 head epochs of 10 steps, 100 steps
     assert phase_warnings("dest_ddpm", model.phases(12), 12, 10) == []
     (warning,) = phase_warnings("dest_ddpm", model.phases(11), 11, 10)
@@ -123,7 +126,8 @@ def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -
     run = tmp_path / "run"
     with pytest.warns(KdadWarning, match="head gets 6 optimiser steps"):  # 3 epochs of 2
         kdad.train(
-            data=data, model="dest_ddpm", options={"defects": "perlin"}, epochs=4, batch_size=4,
+            data=data, model="dest_ddpm", options={"defects": "perlin", "student_share": 0.2},
+            epochs=4, batch_size=4,
             image_size=32, val_every=1,
             out=run, progress=False,
         )  # fmt: skip
@@ -145,7 +149,7 @@ def test_head_loss_binarises_the_resized_masks_as_destseg() -> None:
 def test_student_decoder_climbs_by_bilinear_upsampling_as_destseg() -> None:
     """No transposed convolution; the student's features match the teacher's shapes, also for
     a non-square input whose sides halve unevenly."""
-    model = build_model("dest_ddpm", "resnet18", pretrained=False)
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"student": "destseg"})
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
     x = torch.randn(2, 3, 72, 100)
     with torch.no_grad():
@@ -176,13 +180,16 @@ def test_unet_student_denoises_into_the_teachers_features_and_is_frozen_for_the_
 
 
 def test_map_stages_feed_the_head_and_the_students_map_while_the_student_learns_all() -> None:
-    options = {"map_stages": ["layer2", "layer3"], "image_score": "both"}
+    default = build_model("dest_ddpm", "resnet18", pretrained=False)
+    assert default.teacher.strides == [4, 8, 16, 32] and default.map_scales == [1, 2, 3]
+    options = {"map_stages": ["layer2", "layer3"]}
     model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
     batch = _batch()
-    assert model.head[0][0].conv1.in_channels == 128 + 256  # layer2 and layer3, not layer1
+    assert model.head[0][0].conv1.in_channels == 128 + 256  # layer2 and layer3 only
     model.phase = "student"
     model.train()
-    assert set(model.loss(batch, model(batch["image"]))) == {"loss", "cos0", "cos1", "cos2"}
+    parts = set(model.loss(batch, model(batch["image"])))
+    assert parts == {"loss", "cos0", "cos1", "cos2", "cos3"}
     model.phase = "head"
     logits = model(batch["image"]).logits
     assert logits.shape == (4, 1, 8, 8)  # layer2's scale, stride 8
@@ -192,13 +199,15 @@ def test_map_stages_feed_the_head_and_the_students_map_while_the_student_learns_
         out = model(batch["image"])
     assert model.scale_weights.shape == (2,) and out.anomaly_map.shape == (4, 64, 64)
     with pytest.raises(KdadError, match="map_stages must be some of the model's stages"):
-        build_model("dest_ddpm", "resnet18", pretrained=False, options={"map_stages": ["layer4"]})
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"map_stages": ["stage9"]})
 
 
 def test_map_adds_the_students_map_both_standardised_over_good_pixels() -> None:
     torch.manual_seed(0)
-    model = build_model("dest_ddpm", "resnet18", pretrained=False, options={"map": "both"})
-    head = build_model("dest_ddpm", "resnet18", pretrained=False)  # map head
+    options = {"map": "both", "image_score": "head"}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
+    alone = {"map": "head", "image_score": "head"}
+    head = build_model("dest_ddpm", "resnet18", pretrained=False, options=alone)
     head.load_state_dict(model.state_dict())
     model.eval()
     head.eval()
@@ -207,7 +216,7 @@ def test_map_adds_the_students_map_both_standardised_over_good_pixels() -> None:
         model.fit_normal(iter(good))
         outs = [model(x) for x in good]
         heads = [head(x) for x in good]
-        t, s = model.teacher(good[0]), model.student(good[0])
+        t, s = model.mapped(model.teacher(good[0])), model.mapped(model.student(good[0]))
     maps = [1 - torch.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
     student = model.student_map(maps, (64, 64))  # (4, 64, 64)
     hm, hs, sm, ss = model.pixel_normal

@@ -5,29 +5,32 @@ architecture"), built as DeSTSeg (Zhang et al., CVPR 2023), whose official code 
 the abstract is silent; docs/models.md lists where it does not.
 
 - Asymmetric teacher-student: the frozen pretrained teacher (RD's) sees the clean image; the
-  student, an encoder-decoder as DeSTSeg's (the teacher's architecture randomly initialised up
-  to its deepest stage, one more stride-2 residual stage, then two basic residual blocks at that
-  scale and at each teacher scale, climbing by bilinear upsampling), sees the image with a
-  synthetic defect and must produce the teacher's features of the clean one: it learns to
-  denoise, so it keeps reproducing normal features where a real defect is and the two streams
-  disagree there. Loss: per-pixel 1 - cos, summed over scales.
+  student sees the image with a synthetic defect and must produce the teacher's features of the
+  clean one: it learns to denoise, so it keeps reproducing normal features where a real defect
+  is and the two streams disagree there. Loss: per-pixel 1 - cos, summed over scales. The
+  student (``student``) is by default STU-Seg's U-Net without skips (``models/unet.py``, width
+  ``unet_width``), the student of kdad's default on Magnetic Tile; ``destseg`` is DeSTSeg's:
+  the teacher's architecture randomly initialised up to its deepest stage, one more stride-2
+  residual stage, then two basic residual blocks at that scale and at each teacher scale,
+  climbing by bilinear upsampling.
+- Stages: by default the backbone's deep ones (strides 4-32; DeSTSeg's are 4-16): the student
+  learns all, the head and the student's map use those of stride 8 or more (``map_stages``).
 - Segmentation head, DeSTSeg's (``models/seghead.py``): on the negated per-scale products of the
   L2-normalised teacher and student features, two residual blocks, ASPP, conv-BN-ReLU and a 1x1
   conv give defect logits, trained on the binarised synthetic masks with focal (gamma 4) plus
   L1 loss. Its width is 64 where DeSTSeg's is 256, for the CPU's sake (docs/models.md).
-- Two phases, as DeSTSeg: the first ``student_share`` (a fifth) of the epochs trains the
-  student, the rest the head alone with the student frozen (its BatchNorm statistics too).
-- Map: the head's probability, bilinearly upsampled. Score (``image_score``): DeSTSeg's, the
-  mean of the head's top ``top_share`` pixels (DeSTSeg's 100 highest of 256 x 256); with
-  ``both`` (not in DeSTSeg, off by default: it lowered Magnetic Tile's dev image AUROC with
-  DeSTSeg's student, docs/models.md) plus the denoising student's own disagreement with the
-  teacher (RD's map: 1 - cos per scale, each scale weighted by 1 / its mean on held-out good
-  images, summed, smoothed, its max), each of the two standardised by its mean and standard
-  deviation on the held-out good training images.
-- Student (``student``): DeSTSeg's by default, or STU-Seg's U-Net without skips
-  (``models/unet.py``).
-- ``map_stages`` (not in DeSTSeg): the teacher stages the head sees and the student's map sums;
-  the student still learns every stage (as the distillers' option of that name).
+- Two phases, as DeSTSeg: the first ``student_share`` of the epochs trains the student, the
+  rest the head alone with the student frozen (its BatchNorm statistics too). With epochs auto
+  the student gets the family's 2400 steps and the head the rest (``schedule_steps``).
+- Map (``map``) and score (``image_score``): DeSTSeg's (``head``) are the head's probability,
+  bilinearly upsampled, and the mean of its top ``top_share`` pixels (DeSTSeg's 100 highest of
+  256 x 256). By default (``both``, not in DeSTSeg) each adds the denoising student's own
+  disagreement with the teacher (RD's map: 1 - cos per scale, each scale weighted by 1 / its
+  mean on held-out good images, summed, smoothed; its max for the score), the two maps and the
+  two scores each standardised by their mean and standard deviation on the held-out good
+  training images (the maps over their pixels).
+
+docs/models.md gives the measurements behind each departure from DeSTSeg.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from kdad.models.unet import UNetStudent
 from kdad.synth.datasets import SyntheticTrainSet
 
 STUDENT_SIGMA = 4.0  # smoothing of the student's map, pixels (the family's, models.distill)
+MAP_STRIDE = 8  # by default the head and the student's map use the stages this coarse or more
 HEAD_ONLY = torch.tensor([0.0, 1.0, 0.0, float("inf")])  # normal statistics scoring by the head
 
 
@@ -68,11 +72,14 @@ HEAD_ONLY = torch.tensor([0.0, 1.0, 0.0, float("inf")])  # normal statistics sco
 class DeSTOptions(HeadOptions):
     """The head's options, and how images are scored."""
 
-    image_score: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
-    map: str = "head"  # head: DeSTSeg's | both: plus the student's, standardised
-    student: str = "destseg"  # destseg: the teacher's architecture from scratch | unet: STU-Seg's
+    image_score: str = "both"  # head: DeSTSeg's | both: plus the student's, standardised
+    map: str = "both"  # head: DeSTSeg's | both: plus the student's, standardised
+    student: str = "unet"  # unet: STU-Seg's U-Net | destseg: the teacher's architecture
     unet_width: int = 16  # with student unet: its first level's channels (no skips: a denoiser)
-    map_stages: list[str] | None = None  # teacher stages the head and the student's map use
+    # teacher stages the head and the student's map use; None: those of stride 8 or more
+    map_stages: list[str] | None = None
+    # share of epochs training the student: with epochs auto it gets the family's 2400 steps
+    student_share: float = 0.56
 
 
 class Denoised(NamedTuple):
@@ -87,6 +94,7 @@ class DeSTDDPM(KDModel, UNetStudent):
     on their agreement."""
 
     Options = DeSTOptions
+    deep = True  # strides 4-32: stride 32 carries the image score on Magnetic Tile
 
     @property
     def score_rule(self) -> str:
@@ -113,7 +121,10 @@ class DeSTDDPM(KDModel, UNetStudent):
                 make_stage("basic", cin, cout, 2, 1)
                 for cin, cout in zip([ch[-1], *outs[:-1]], outs)
             )
-        keep = self.teacher.stages if self.opt.map_stages is None else self.opt.map_stages
+        keep = self.opt.map_stages
+        if keep is None:  # stride 4 only adds the part's texture noise (docs/models.md)
+            pairs = zip(self.teacher.stages, self.teacher.strides)
+            keep = [n for n, stride in pairs if stride >= MAP_STRIDE] or self.teacher.stages
         if not keep or set(keep) - set(self.teacher.stages):
             raise KdadError(
                 f"map_stages must be some of the model's stages {self.teacher.stages}, got {keep}"
@@ -133,6 +144,10 @@ class DeSTDDPM(KDModel, UNetStudent):
         self.register_buffer("normal", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("pixel_normal", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_load_state_dict_pre_hook(_head_only_if_missing)
+
+    def schedule_steps(self, steps: int) -> int:
+        """The student gets the family's ``steps``; the head the rest of the epochs."""
+        return round(steps / self.opt.student_share)
 
     def phases(self, epochs: int) -> list[Phase]:
         return head_phases(self.opt, epochs)
