@@ -13,6 +13,8 @@ the abstract is silent; docs/models.md lists where it does not.
   the teacher's architecture randomly initialised up to its deepest stage, one more stride-2
   residual stage, then two basic residual blocks at that scale and at each teacher scale,
   climbing by bilinear upsampling.
+- Training defects: half from the DDPM-painted bank, half Perlin (``bank_share``; not in
+  DeSTSeg, which has Perlin ones only, nor, as far as its abstract says, in DeST-DDPM).
 - Stages: by default the backbone's deep ones (strides 4-32; DeSTSeg's are 4-16): the student
   learns all, the head and the student's map use those of stride 8 or more (``map_stages``).
 - Segmentation head, DeSTSeg's (``models/seghead.py``): on the negated per-scale products of the
@@ -80,6 +82,7 @@ class DeSTOptions(HeadOptions):
     map_stages: list[str] | None = None
     # share of epochs training the student: with epochs auto it gets the family's 2400 steps
     student_share: float = 0.56
+    bank_share: float = 0.5  # half the defects painted, half Perlin (docs/models.md)
 
 
 class Denoised(NamedTuple):
