@@ -324,7 +324,8 @@ def test_predict_walks_nested_folders_keeping_relative_names(tmp_path: Path) -> 
     (tree / "day1" / "cam2" / "notes.txt").write_text("not an image")
     (tree / "day1" / "cam2" / "002.png").write_bytes(b"\x89PNG garbage")
     out = tree / "pred"  # inside the input tree: its heatmaps are never inputs
-    kdad_cli("predict", "--checkpoint", str(tmp_path / "r"), str(tree), "--out", str(out))
+    shown = kdad_cli("predict", "--checkpoint", str(tmp_path / "r"), str(tree), "--out", str(out))
+    assert "5/5" in shown.stderr and "image" in shown.stderr  # the progress bar, to the end
     want = ["day1/001", "day1/cam1/001", "day1/cam2/001", "day1/cam2/002", "day2/cam1/001"]
     rows = read_csv(out / "predictions.csv")
     assert [str(Path(r["path"]).relative_to(tree).with_suffix("")) for r in rows] == want
@@ -338,5 +339,7 @@ def test_predict_walks_nested_folders_keeping_relative_names(tmp_path: Path) -> 
     for r in ok:  # each its own file, at its own image's size
         assert Image.open(out / r["heatmap"]).size == Image.open(r["path"]).size
     assert len({Image.open(out / r["heatmap"]).tobytes() for r in ok}) == len(ok)
-    again = kdad_cli("predict", "--checkpoint", str(tmp_path / "r"), str(tree), "--out", str(out))
+    args = ["predict", "--checkpoint", str(tmp_path / "r"), str(tree), "--out", str(out)]
+    again = kdad_cli(*args, "--no-progress")
     assert len(read_csv(out / "predictions.csv")) == len(rows), again.stderr
+    assert "5/5" not in again.stderr

@@ -104,13 +104,14 @@ def predict(
     batch_size: int = ScoreConfig.batch_size,
     device: str = ScoreConfig.device,
     f1_threshold_from: str | Path | None = None,
+    progress: bool = True,
 ) -> tuple[Path, float | None]:
     """Score image files and folders into ``out`` (see Detector.predict_files); returns
     OUT/predictions.csv and the image threshold set F1-best on the labelled validation folder
-    ``f1_threshold_from`` (None: the calibrated one is kept)."""
+    ``f1_threshold_from`` (None: the calibrated one is kept); ``progress``: a bar on stderr."""
     det = load(checkpoint, device)
     threshold = det.use_f1_threshold(f1_threshold_from) if f1_threshold_from else None
-    return det.predict_files(inputs, out, batch_size), threshold
+    return det.predict_files(inputs, out, batch_size, progress), threshold
 
 
 def report(source: str | Path, out: str | Path | None = None) -> Path:

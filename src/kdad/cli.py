@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(p, ScoreConfig, "batch_size")
     _setting(p, ScoreConfig, "device")
     _nproc_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
     r.add_argument("source", help="run folder, metrics.json, or predict output folder")
     r.add_argument("--out", help="HTML file (default: report.html beside the source)")
@@ -390,7 +391,7 @@ def _predict(args: argparse.Namespace) -> None:
     from kdad import api
 
     names = ("checkpoint", "inputs", "out", "batch_size", "device", "f1_threshold_from")
-    csv_path, threshold = api.predict(**_pick(args, *names))
+    csv_path, threshold = api.predict(**_pick(args, *names), progress=not args.no_progress)
     if threshold is not None:
         print(f"image threshold (F1 on {args.f1_threshold_from}): {threshold:.6g}")
     print(f"predictions: {csv_path}")

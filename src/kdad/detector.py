@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from kdad.backbones import get_spec
 from kdad.config import DataConfig, RunConfig, ScoreConfig
@@ -158,6 +159,7 @@ class Detector:
         inputs: Sequence[str | Path],
         out: str | Path,
         batch_size: int = ScoreConfig.batch_size,
+        progress: bool = False,
     ) -> Path:
         """Score image files and folders (searched recursively, in sorted order), streaming:
         OUT/predictions.csv and .jsonl, and per image OUT/heatmaps/NAME.png and OUT/masks/NAME.png
@@ -167,6 +169,7 @@ class Detector:
         An unreadable image gets a line with its error and a warning; the run goes on. Under
         torchrun each rank scores every world-th input; rank 0 then merges the ranks' lines in
         input order (every input exactly once). Several nodes need OUT on a shared filesystem.
+        With ``progress``, rank 0 shows a bar of its images on stderr.
         """
         out = Path(out)
         found = collect_images(list(inputs), exclude=out)
@@ -175,6 +178,7 @@ class Detector:
         r = ensure_group(self.device)
         mine = list(range(r.rank, len(paths), r.world))
         writer = PredictionWriter(out, shard=r.rank if r.world > 1 else None)
+        bar = tqdm(total=len(mine), unit="image", disable=not (progress and r.main))
         try:
             for i in range(0, len(mine), batch_size):
                 chunk = [(k, _try_read(paths[k])) for k in mine[i : i + batch_size]]
@@ -188,7 +192,9 @@ class Detector:
                     res, heat, mask = self.analyse(paths[k], img, maps[j], float(scores[j]))
                     writer.write(res, stems[k], k, img, heat, mask)
                     j += 1
+                bar.update(len(chunk))
         finally:
+            bar.close()
             writer.close()
         if r.world > 1:
             barrier()  # every shard written
