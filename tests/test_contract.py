@@ -24,8 +24,9 @@ from kdad.models.layers import pixel_cosine_loss
 
 SRC = Path(kdad.__file__).parent
 # Words that are model options and also the contract's or the field's own: ``loss`` is the
-# contract's loss method and its total; ``width`` an image's width.
-GENERIC = {"loss", "width"}
+# contract's loss method and its total; ``width`` an image's width; ``map`` the anomaly map
+# every model outputs (and the exported graph's output).
+GENERIC = {"loss", "width", "map"}
 
 
 class Toy(KDModel):
