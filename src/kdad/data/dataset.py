@@ -191,15 +191,10 @@ class TrainSet(ImageDataset):
         self.seed, self.augment, self.epoch = seed, list(augment), 0
         self.cache_bytes, self.cached = cache_bytes, {}
 
-    @property
-    def repeats(self) -> bool:
-        """Whether every epoch shows the same images (no views): what a cache may rely on."""
-        return not self.augment
-
     def teacher_inputs(self) -> tuple[TrainSet, str] | None:
         """Images whose teacher features repeat every epoch, and the batch key that indexes
         them: these very images ("index"), when they come in no views; else None."""
-        return (self, "index") if self.repeats else None
+        return None if self.augment else (self, "index")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -117,11 +117,6 @@ class SyntheticTrainSet(TrainSet):
         plain.cached = self.cached  # one store of decoded images for both
         return plain, "clean_index"
 
-    @property
-    def repeats(self) -> bool:
-        """Defects are drawn afresh every epoch."""
-        return False
-
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
         j = i  # the clean version's index
