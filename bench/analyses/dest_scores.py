@@ -4,8 +4,9 @@ its maximum) or from the denoising student's disagreement with the teacher (1 - 
 each scale divided by its mean on the held-out good training images, summed, smoothed, maximum:
 RD's map and score), or both: the sum of the two scores, each standardised by its mean and
 standard deviation on the held-out good training images (the head's map, or the sum of both
-maps, each standardised over the good images' pixels). Pixel metrics for every map. With four
-scales, the student's map also without its shallowest (stride 4, as the default's deep student).
+maps, each standardised over the good images' pixels; the head's map also smoothed by a
+Gaussian of sigma 2, 4 or 8 pixels). Pixel metrics for every map. With four scales, the
+student's map also without its shallowest (stride 4, as the default's deep student).
 
     python bench/analyses/dest_scores.py \
         runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
@@ -93,6 +94,16 @@ def main() -> None:
         "head, top mean": (o["head_score"], o["head"]),
         "head, max": (peak(o["head"]), o["head"]),
     }
+    for sigma in (2.0, 4.0, 8.0):
+        smooth = GaussianBlur(sigma)
+
+        def head_map(o: dict, smooth: GaussianBlur = smooth) -> np.ndarray:
+            return smooth(torch.from_numpy(o["head"])).numpy()
+
+        ref, amap = good_maps["student, deep"], maps["student, deep"]
+        pixels = z(head_map(o), head_map(good)) + z(amap, ref)
+        rows[f"head smoothed {sigma:g}"] = (o["model_score"], head_map(o))
+        rows[f"head smoothed {sigma:g} + student, deep, z maps"] = (o["model_score"], pixels)
     for name, amap in maps.items():
         ref = good_maps[name]
         both = z(o["head_score"], good_head) + z(peak(amap), peak(ref))
