@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models' ONNX graphs (engine/runtime.py) kept in the session's own folder, not ~/.cache."""
+    path = tmp_path_factory.mktemp("kdad_cache")
+    os.environ["KDAD_CACHE"] = str(path)
+    return path

@@ -92,9 +92,14 @@ def train_categories(
     return {categories[i]: path for i, path in sorted(done.items())}
 
 
-def load(checkpoint: str | Path, device: str = ScoreConfig.device) -> Detector:
-    """Load a trained checkpoint (file or run folder) as a Detector."""
-    return Detector.load(checkpoint, device)
+def load(
+    checkpoint: str | Path,
+    device: str = ScoreConfig.device,
+    runtime: str = ScoreConfig.runtime,
+) -> Detector:
+    """Load a trained checkpoint (file or run folder) as a Detector scoring on ``runtime``
+    (auto: the model's graph in onnxruntime on the CPU, PyTorch on a GPU)."""
+    return Detector.load(checkpoint, device, runtime)
 
 
 def predict(
@@ -105,13 +110,19 @@ def predict(
     device: str = ScoreConfig.device,
     f1_threshold_from: str | Path | None = None,
     progress: bool = True,
+    runtime: str = ScoreConfig.runtime,
+    heatmaps: bool = True,
+    masks: bool = True,
 ) -> tuple[Path, float | None]:
     """Score image files and folders into ``out`` (see Detector.predict_files); returns
     OUT/predictions.csv and the image threshold set F1-best on the labelled validation folder
-    ``f1_threshold_from`` (None: the calibrated one is kept); ``progress``: a bar on stderr."""
-    det = load(checkpoint, device)
+    ``f1_threshold_from`` (None: the calibrated one is kept); ``progress``: a bar on stderr;
+    ``runtime``: what scores (config.RUNTIMES); ``heatmaps``, ``masks``: False writes no such
+    files (the lines only)."""
+    det = load(checkpoint, device, runtime)
     threshold = det.use_f1_threshold(f1_threshold_from) if f1_threshold_from else None
-    return det.predict_files(inputs, out, batch_size, progress), threshold
+    csv_path = det.predict_files(inputs, out, batch_size, progress, heatmaps, masks)
+    return csv_path, threshold
 
 
 def report(source: str | Path, out: str | Path | None = None) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kdad.config import (
+    RUNTIMES,
     CalibrationConfig,
     DataConfig,
     DDPMOptions,
@@ -52,6 +53,16 @@ def _setting(p: argparse.ArgumentParser, cls: type, name: str, help: str = "", *
     text = f"{help} ({_shown(cls, name)})" if help else f"default {_shown(cls, name)}"
     flag = "--" + name.replace("_", "-")
     p.add_argument(flag, type=type(default), default=default, help=text, **kw)
+
+
+def _runtime_arg(p: argparse.ArgumentParser) -> None:
+    _setting(
+        p,
+        ScoreConfig,
+        "runtime",
+        "what runs the model: auto is its graph in onnxruntime on the CPU, PyTorch on a GPU",
+        choices=RUNTIMES,
+    )
 
 
 def _jobs_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -251,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-maps", metavar="FILE.npz", help="save maps, masks, labels, paths")
     _setting(e, ScoreConfig, "batch_size")
     _setting(e, ScoreConfig, "device")
+    _runtime_arg(e)
 
     p = sub.add_parser("predict", help="score images and write heatmaps")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
@@ -264,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _setting(p, ScoreConfig, "batch_size")
     _setting(p, ScoreConfig, "device")
+    _runtime_arg(p)
     _nproc_arg(p)
+    p.add_argument("--no-heatmaps", action="store_true", help="write no heatmap overlays")
+    p.add_argument("--no-masks", action="store_true", help="write no defect masks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
     r.add_argument("source", help="run folder, metrics.json, or predict output folder")
@@ -382,6 +397,7 @@ def _test(args: argparse.Namespace) -> None:
         args.batch_size,
         args.device,
         args.save_maps,
+        args.runtime,
     )
     print(_metrics_table(res["metrics"]))
     print(f"metrics: {Path(out) / 'metrics.json'}")
@@ -390,8 +406,13 @@ def _test(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from kdad import api
 
-    names = ("checkpoint", "inputs", "out", "batch_size", "device", "f1_threshold_from")
-    csv_path, threshold = api.predict(**_pick(args, *names), progress=not args.no_progress)
+    names = ("checkpoint", "inputs", "out", "batch_size", "device", "f1_threshold_from", "runtime")
+    csv_path, threshold = api.predict(
+        **_pick(args, *names),
+        progress=not args.no_progress,
+        heatmaps=not args.no_heatmaps,
+        masks=not args.no_masks,
+    )
     if threshold is not None:
         print(f"image threshold (F1 on {args.f1_threshold_from}): {threshold:.6g}")
     print(f"predictions: {csv_path}")

@@ -97,12 +97,16 @@ class RunConfig:
         return _build(cls, d, where)
 
 
+RUNTIMES = ("auto", "onnxruntime", "openvino", "pytorch")  # what scores a trained model
+
+
 @dataclass
 class ScoreConfig:
     """How a trained model scores images (`kdad test`, `predict`, `calibrate`)."""
 
     batch_size: int = 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    runtime: str = "auto"  # auto (onnxruntime on the CPU, else PyTorch) | one of RUNTIMES
 
 
 @dataclass

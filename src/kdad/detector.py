@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from kdad.backbones import get_spec
 from kdad.config import DataConfig, RunConfig, ScoreConfig
-from kdad.data.dataset import ImageDataset, preprocess
+from kdad.data.dataset import ImageDataset, input_hw, preprocess
 from kdad.data.io import read_image
 from kdad.data.layouts import Sample, collect_images, find_samples
 from kdad.engine.calibrate import calibrate, f1_threshold, normalise
@@ -22,6 +22,7 @@ from kdad.engine.checkpoint import load_checkpoint, load_weights, save_checkpoin
 from kdad.engine.distributed import barrier, ensure_group, resolve_device
 from kdad.engine.evaluate import evaluate_model
 from kdad.engine.infer import fit_normal
+from kdad.engine.runtime import Scorer, make_scorer
 from kdad.errors import KdadError, KdadWarning
 from kdad.models import KDModel, model_from_config
 from kdad.outputs import (
@@ -48,12 +49,22 @@ class Prediction:
 
 
 class Detector:
-    """A model, its config and its calibration (None for a checkpoint that has none)."""
+    """A model, its config and its calibration (None for a checkpoint that has none), scoring on
+    the runtime ``runtime`` (engine/runtime.py; auto: the model's graph in onnxruntime on the
+    CPU, PyTorch on a GPU)."""
 
-    def __init__(self, model: KDModel, cfg: RunConfig, checkpoint: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: KDModel,
+        cfg: RunConfig,
+        checkpoint: dict[str, Any],
+        runtime: str = ScoreConfig.runtime,
+    ) -> None:
         self.model = model.eval()
         self.cfg = cfg
         self.checkpoint = checkpoint
+        self.runtime = runtime
+        self._scorer: Scorer | None = None
         self.calibration: dict[str, Any] | None = checkpoint.get("calibration")
         spec = get_spec(cfg.model.backbone)
         self.mean = torch.tensor(spec.mean).view(3, 1, 1)
@@ -69,13 +80,25 @@ class Detector:
             )
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = ScoreConfig.device) -> Detector:
+    def load(
+        cls,
+        checkpoint: str | Path,
+        device: str = ScoreConfig.device,
+        runtime: str = ScoreConfig.runtime,
+    ) -> Detector:
         """Rebuild the model from a checkpoint's config and state dict (no download needed)."""
         ckpt = load_checkpoint(checkpoint)
         cfg = RunConfig.from_dict(ckpt["config"], ckpt["path"])
         model = model_from_config(cfg.model, pretrained=False)
         load_weights(model, ckpt)
-        return cls(model.to(resolve_device(device)), cfg, ckpt)
+        return cls(model.to(resolve_device(device)), cfg, ckpt, runtime)
+
+    @property
+    def scorer(self) -> Scorer:
+        """The model on its runtime, made at first use (a new graph takes seconds to write)."""
+        if self._scorer is None:
+            self._scorer = make_scorer(self.model, input_hw(self.cfg.data.image_size), self.runtime)
+        return self._scorer
 
     def dataset(self, samples: list[Sample]) -> ImageDataset:
         """``samples`` prepared as this model was trained: its image size and normalisation."""
@@ -93,7 +116,7 @@ class Detector:
             raise KdadError("an F1 threshold needs a calibrated checkpoint (for normalisation)")
         d = self.cfg.data
         samples = find_samples(data, "test", layout, None, d.normal_dir, d.abnormal_dir, d.mask_dir)
-        ev = evaluate_model(self.model, self.dataset(samples))
+        ev = evaluate_model(self.scorer, self.dataset(samples))
         t = f1_threshold(ev.scores, ev.labels)
         low = min(self.calibration["image_low"], t - 1e-6)
         self.calibration = {
@@ -108,8 +131,8 @@ class Detector:
     def _run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         size = self.cfg.data.image_size
         x = torch.stack([preprocess(im, size, self.mean, self.std) for im in images])
-        out = self.model(x.to(self.device))
-        return out.anomaly_map.float().cpu().numpy(), out.score.float().cpu().numpy()
+        out = self.scorer(x)  # (B, h, w), (B,)
+        return out.anomaly_map.numpy(), out.score.numpy()
 
     def _decide(self, score: float) -> tuple[float | None, str | None]:
         c = self.calibration
@@ -133,19 +156,22 @@ class Detector:
         return results
 
     def analyse(
-        self, path: Path, image: np.ndarray, amap: np.ndarray, score: float
-    ) -> tuple[ImageResult, np.ndarray, np.ndarray | None]:
+        self, path: Path, image: np.ndarray, amap: np.ndarray, score: float, heat: bool = True
+    ) -> tuple[ImageResult, np.ndarray | None, np.ndarray | None]:
         """Result, heat (H, W) in [0, 1] and defect mask (H, W) at the image's resolution.
 
         With calibration the heat is the normalised map (0.5 = pixel threshold, the same scale
         for every image) and the mask is heat >= 0.5 on parts judged defective. Without, the heat
-        is the map scaled to its own range (where, not how much) and there is no mask.
+        is the map scaled to its own range (where, not how much) and there is no mask. With
+        ``heat`` False, a part judged good gets no heat, and its empty mask costs nothing.
         """
         h, w = image.shape[:2]
-        full = upsample_map(amap, h, w)
         ns, decision = self._decide(score)
         res = ImageResult(str(path), float(score), ns, decision)
         c = self.calibration
+        if not heat and decision == "ok":
+            return res, None, np.zeros((h, w), bool)
+        full = upsample_map(amap, h, w)
         if c is None:
             heat = (full - full.min()) / max(float(full.max() - full.min()), 1e-12)
             return res, heat, None
@@ -160,11 +186,14 @@ class Detector:
         out: str | Path,
         batch_size: int = ScoreConfig.batch_size,
         progress: bool = False,
+        heatmaps: bool = True,
+        masks: bool = True,
     ) -> Path:
         """Score image files and folders (searched recursively, in sorted order), streaming:
         OUT/predictions.csv and .jsonl, and per image OUT/heatmaps/NAME.png and OUT/masks/NAME.png
-        at the original resolution, NAME being its path relative to the folder named
-        (``day1/cam2/001``), so equal file names in two subfolders never overwrite each other.
+        at the original resolution (unless ``heatmaps`` or ``masks`` is False), NAME being its
+        path relative to the folder named (``day1/cam2/001``), so equal file names in two
+        subfolders never overwrite each other.
 
         An unreadable image gets a line with its error and a warning; the run goes on. Under
         torchrun each rank scores every world-th input; rank 0 then merges the ranks' lines in
@@ -177,7 +206,7 @@ class Detector:
         stems = unique_names([name for _, name in found])
         r = ensure_group(self.device)
         mine = list(range(r.rank, len(paths), r.world))
-        writer = PredictionWriter(out, shard=r.rank if r.world > 1 else None)
+        writer = PredictionWriter(out, r.rank if r.world > 1 else None, heatmaps, masks)
         bar = tqdm(total=len(mine), unit="image", disable=not (progress and r.main))
         try:
             for i in range(0, len(mine), batch_size):
@@ -189,7 +218,9 @@ class Detector:
                     if isinstance(img, str):
                         writer.write(ImageResult(str(paths[k]), error=img), stems[k], k)
                         continue
-                    res, heat, mask = self.analyse(paths[k], img, maps[j], float(scores[j]))
+                    res, heat, mask = self.analyse(
+                        paths[k], img, maps[j], float(scores[j]), heat=heatmaps
+                    )
                     writer.write(res, stems[k], k, img, heat, mask)
                     j += 1
                 bar.update(len(chunk))

@@ -11,7 +11,6 @@ Beside it, kdad.json keeps the run's config and calibration.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from kdad.data.dataset import input_hw
 from kdad.detector import Detector
 from kdad.engine.calibrate import normalise
+from kdad.engine.runtime import write_onnx
 from kdad.errors import KdadError
 from kdad.files import atomic_write
 
@@ -79,20 +79,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
     }
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped,
-                (example,),
-                str(tmp),
-                input_names=["images"],
-                output_names=list(OUTPUTS),
-                dynamic_shapes={"images": dims},
-                opset_version=opset,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+        write_onnx(wrapped, example, tmp, {"images": dims}, ["images"], list(OUTPUTS), opset)
 
     atomic_write(path, write)
     meta = {

@@ -27,11 +27,39 @@ def upsample_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     return t[0, 0].numpy()
 
 
+JET = colormaps["jet"](np.arange(256))[:, :3].astype(np.float32)  # (256, 3): its 256 colours
+PNG_LEVEL = 1  # zlib level of the PNGs predict writes: 3-5x faster than 6, files ~1.3x larger
+
+
 def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Jet-coloured ``heat`` (H, W) in [0, 1] blended over the image (H, W, 3) in [0, 1]."""
-    color = colormaps["jet"](np.clip(heat, 0, 1))[:, :, :3]  # (H, W, 3)
-    blend = (1 - alpha) * image + alpha * color
+    """Jet-coloured ``heat`` (H, W) in [0, 1] blended over the image (H, W, 3) in [0, 1]: the
+    colours matplotlib gives (a value's bin among its 256), looked up in a table."""
+    index = np.minimum((np.clip(heat, 0, 1) * 256).astype(np.int32), 255)  # matplotlib's bins
+    blend = (1 - alpha) * image.astype(np.float32) + alpha * JET[index]  # (H, W, 3)
     return Image.fromarray((blend * 255).round().astype(np.uint8))
+
+
+def heat_png(heat: np.ndarray) -> Image.Image:
+    """Jet-coloured ``heat`` (h, w) in [0, 1] alone, as an RGB image."""
+    index = np.minimum((np.clip(heat, 0, 1) * 256).astype(np.int32), 255)
+    return Image.fromarray((JET[index] * 255).round().astype(np.uint8))
+
+
+def region_outlines(heat: np.ndarray, height: int, width: int) -> list[list[list[float]]]:
+    """Closed outlines of the regions where ``heat`` (h, w), normalised (0.5 = the pixel
+    threshold), is >= 0.5: polygons [[x, y], ...] in the (height, width) image's coordinates
+    (0 to width, as SVG draws them; the map stretched over the image as ``upsample_map`` does),
+    traced at the map's resolution (contourpy, matplotlib's contour tracer)."""
+    import contourpy
+
+    h, w = heat.shape
+    padded = np.pad(heat.astype(np.float64), 1, constant_values=0.0)  # every outline closes
+    lines = contourpy.contour_generator(z=padded).lines(0.5)
+    sx, sy = width / w, height / h
+    return [
+        [[round(float(x - 0.5) * sx, 1), round(float(y - 0.5) * sy, 1)] for x, y in line]
+        for line in lines
+    ]
 
 
 def defect_mask(heat: np.ndarray, defect: bool) -> np.ndarray:
@@ -99,6 +127,7 @@ class PredictionWriter:
 
     A writer for one rank's ``shard`` writes the images' files but puts its lines, with each
     image's input index, in a hidden shard file that ``merge_shards`` turns into the two lists.
+    ``heatmaps`` and ``masks`` False: those files are not written (their columns stay empty).
     """
 
     COLUMNS = (
@@ -112,10 +141,14 @@ class PredictionWriter:
         "error",
     )
 
-    def __init__(self, out: Path, shard: int | None = None) -> None:
+    def __init__(
+        self, out: Path, shard: int | None = None, heatmaps: bool = True, masks: bool = True
+    ) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        for sub in ("heatmaps", "masks"):
-            (out / sub).mkdir(exist_ok=True)
+        self.kinds = {"heatmaps": heatmaps, "masks": masks}
+        for sub, wanted in self.kinds.items():
+            if wanted:
+                (out / sub).mkdir(exist_ok=True)
         self.out = out
         self._files = []
         if shard is None:
@@ -141,14 +174,15 @@ class PredictionWriter:
         """Save the overlay of ``heat`` and the binary ``mask`` (original resolution) as
         ``stem``.png if given (``stem`` may hold subfolders, made as needed), then the result's
         lines (``index``: its place among the inputs)."""
-        if image is not None and heat is not None:
+        if image is not None and heat is not None and self.kinds["heatmaps"]:
             result.heatmap = f"heatmaps/{stem}.png"
             _parent(self.out / result.heatmap)
-            heatmap_overlay(image, heat).save(self.out / result.heatmap)
-        if mask is not None:
+            heatmap_overlay(image, heat).save(self.out / result.heatmap, compress_level=PNG_LEVEL)
+        if mask is not None and self.kinds["masks"]:
             result.mask = f"masks/{stem}.png"
             _parent(self.out / result.mask)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(self.out / result.mask)
+            mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
+            mask_png.save(self.out / result.mask, compress_level=PNG_LEVEL)
         if self.sharded:
             self._shard.write(json.dumps({"index": index, **asdict(result)}) + "\n")
         else:

@@ -30,14 +30,15 @@ def evaluate(
     batch_size: int = ScoreConfig.batch_size,
     device: str = ScoreConfig.device,
     save_maps: str | Path | None = None,
+    runtime: str = ScoreConfig.runtime,
 ) -> dict[str, Any]:
     """Score a labelled test set: every metric and per-class image AUROC, the same for each
     subset its layout declares, the protocol and per-image scores; also written to
     OUT/metrics.json. ``save_maps`` writes the maps and ground truth to an .npz. Data defaults to
-    the training data's folder."""
+    the training data's folder; ``runtime`` scores (config.RUNTIMES)."""
     with warnings.catch_warnings():  # metrics need no calibration
         warnings.simplefilter("ignore", KdadWarning)
-        det = Detector.load(checkpoint, device)
+        det = Detector.load(checkpoint, device, runtime)
     d = det.cfg.data
     root = Path(data) if data else Path(d.path)
     layout = layout or d.layout
@@ -45,7 +46,7 @@ def evaluate(
         layout = detect_layout(root)
     category = category if category is not None else d.category
     samples = find_samples(root, "test", layout, category, d.normal_dir, d.abnormal_dir, d.mask_dir)
-    ev = evaluate_model(det.model, det.dataset(samples), batch_size)
+    ev = evaluate_model(det.scorer, det.dataset(samples), batch_size)
     paths = [str(s.path) for s in samples]
     if save_maps is not None:
         ev.save(save_maps, paths)
@@ -78,9 +79,16 @@ def evaluate(
             "iap": "8-connected instances found when half their pixels >= t; pixel precision",
         },
         "machine": describe_machine(det.device),
+        "runtime": det.scorer.runtime,
         "inference_seconds": ev.seconds,
         "per_image": [
-            {"path": p, "label": s.label, "defect": s.defect, "score": float(sc)}
+            {
+                "path": p,
+                "label": s.label,
+                "defect": s.defect,
+                "mask": None if s.mask is None else str(s.mask),
+                "score": float(sc),
+            }
             for p, s, sc in zip(paths, samples, ev.scores)
         ],
     }

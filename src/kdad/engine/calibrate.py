@@ -49,7 +49,15 @@ def normalise(v: Tensor | np.ndarray, threshold: float, low: float) -> Tensor | 
 
     Only operations that numpy and torch share, so the ONNX export runs this very function.
     """
-    return (0.5 * (v - low) / (threshold - low)).clip(0, 1)
+    return unclipped(v, threshold, low).clip(0, 1)
+
+
+def unclipped(
+    v: Tensor | np.ndarray | float, threshold: float, low: float
+) -> Tensor | np.ndarray | float:
+    """The normalised scale without its clip: 0.5 at the threshold, 1 at twice its distance
+    from the lowest good value, 3 at six times: how far past the threshold a part is."""
+    return 0.5 * (v - low) / (threshold - low)
 
 
 def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:

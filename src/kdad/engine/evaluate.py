@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from kdad.config import ScoreConfig
 from kdad.engine.infer import infer
+from kdad.engine.runtime import Scorer
 from kdad.errors import KdadError
 from kdad.files import atomic_write
 from kdad.metrics import compute_metrics, per_class_image_auroc
@@ -69,9 +70,10 @@ class Evaluation:
 
 
 def evaluate_model(
-    model: KDModel, ds: Dataset, batch_size: int = ScoreConfig.batch_size
+    model: KDModel | Scorer, ds: Dataset, batch_size: int = ScoreConfig.batch_size
 ) -> Evaluation:
-    """Run ``model`` over a dataset of dicts with image, mask, has_mask, label, index."""
+    """Run ``model`` (PyTorch, or a scorer on any runtime) over a dataset of dicts with image,
+    mask, has_mask, label, index."""
     n = len(ds)
     ev = None
     tic = time.perf_counter()

@@ -11,19 +11,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdad.config import ScoreConfig
 from kdad.data.dataset import ImageDataset
+from kdad.engine.runtime import Scorer, as_scorer
 from kdad.models import KDModel
 
 
 @torch.inference_mode()
 def infer(
-    model: KDModel, ds: ImageDataset, batch_size: int = ScoreConfig.batch_size, num_workers: int = 0
+    model: KDModel | Scorer,
+    ds: ImageDataset,
+    batch_size: int = ScoreConfig.batch_size,
+    num_workers: int = 0,
 ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
-    """Yield each batch with its anomaly maps (B, h, w) and scores (B,), on the CPU."""
-    model.eval()
-    device = next(model.parameters()).device
+    """Yield each batch with its anomaly maps (B, h, w) and scores (B,), on the CPU, from a
+    model (PyTorch) or a scorer on any runtime."""
+    score = as_scorer(model)
     for batch in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
-        out = model(batch["image"].to(device))
-        yield batch, out.anomaly_map.float().cpu(), out.score.float().cpu()
+        out = score(batch["image"])
+        yield batch, out.anomaly_map, out.score
 
 
 @torch.inference_mode()
