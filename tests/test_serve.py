@@ -61,21 +61,35 @@ def test_predict_health_schema_and_page(trained: tuple[Path, Path]) -> None:
     assert "/predict" in client.get("/openapi.json").json()["paths"]
     assert "kdad inspection" in client.get("/").text
     bad = sorted((data / "test" / "scratch").glob("*.png"))[0]
-    r = client.post("/predict", files={"file": (bad.name, bad.read_bytes(), "image/png")})
+    upload = {"file": (bad.name, bad.read_bytes(), "image/png")}
+    r = client.post("/predict?images=true&outlines=true&heatmap=true", files=upload)
     assert r.status_code == 200
     a = r.json()
     assert a["decision"] == "defect" and a["score"] >= 0.5 and a["instances"]
+    assert a["unclipped_score"] >= a["score"]  # equal below 1, past it where the clip was
+    model_ms, total_ms = (float(t.split("dur=")[1]) for t in r.headers["server-timing"].split(","))
+    assert 0 < model_ms <= total_ms
+    heat = Image.open(io.BytesIO(base64.b64decode(a["heatmap_png"])))
+    assert heat.size == (64, 64)  # the model's map, not the image's size
+    outlines = [np.array(o) for o in a["outlines"]]  # each (n, 2): x, y in the image's pixels
+    assert outlines and all((o[0] == o[-1]).all() for o in outlines)  # closed
+    assert all(o.min() >= 0 and (o <= [a["width"], a["height"]]).all() for o in outlines)
     overlay = Image.open(io.BytesIO(base64.b64decode(a["overlay_png"])))
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(a["mask_png"]))))
     assert overlay.size == (a["width"], a["height"]) and mask.any()
     x0, y0, x1, y1 = a["instances"][0]["box"]
     truth = np.asarray(Image.open(data / "ground_truth" / "scratch" / f"{bad.stem}_mask.png"))
     assert truth[y0:y1, x0:x1].any()  # the region found is the defect
+    near = [(o >= [x0 - 2, y0 - 2]).all(1) & (o <= [x1 + 2, y1 + 2]).all(1) for o in outlines]
+    assert max(n.mean() for n in near) > 0.9  # an outline goes around the largest instance
+    verdict = client.post("/predict", files=upload).json()  # the default: the verdict alone
+    assert not {"overlay_png", "mask_png", "heatmap_png", "outlines"} & set(verdict)
+    assert verdict["instances"] == a["instances"] and verdict["score"] == a["score"]
     good = sorted((data / "test" / "good").glob("*.png"))[0]
     r = client.post(
-        "/predict?images=false", files={"file": ("g.png", good.read_bytes(), "image/png")}
+        "/predict?outlines=true", files={"file": ("g.png", good.read_bytes(), "image/png")}
     )
-    assert r.status_code == 200 and "overlay_png" not in r.json()
+    assert r.status_code == 200 and r.json()["decision"] == "ok" and r.json()["outlines"] == []
 
 
 def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(trained: tuple[Path, Path]) -> None:
@@ -131,7 +145,7 @@ def server(trained: tuple[Path, Path]):
 
 def _post(url: str, name: str, body: bytes) -> int:
     files = {"file": (name, body, "image/png")}
-    return httpx2.post(url + "/predict?images=false", files=files, timeout=60).status_code
+    return httpx2.post(url + "/predict", files=files, timeout=60).status_code
 
 
 def test_real_server_answers_eight_concurrent_clients(trained, server) -> None:
@@ -155,7 +169,8 @@ def test_replicas_answer_alike(trained, server) -> None:
     files = sorted((data / "test").rglob("*.png"))
 
     def ask(f: Path) -> dict:
-        r = httpx2.post(url + "/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
+        files = {"file": (f.name, f.read_bytes(), "image/png")}
+        r = httpx2.post(url + "/predict?images=true&outlines=true", files=files)
         assert r.status_code == 200
         return r.json()
 
@@ -163,24 +178,68 @@ def test_replicas_answer_alike(trained, server) -> None:
         served = list(pool.map(ask, files * 2))
     replica = TestClient(create_app(export, threads=max(1, (os.cpu_count() or 1) // 2)))
     local = [
-        replica.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")}).json()
+        replica.post(
+            "/predict?images=true&outlines=true",
+            files={"file": (f.name, f.read_bytes(), "image/png")},
+        ).json()
         for f in reversed(files)
     ][::-1]
     assert served == local * 2
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
-def test_web_page_in_headless_chromium(trained, server) -> None:
+def test_web_page_in_headless_chromium(trained, server, tmp_path: Path) -> None:
+    """3 defective and 2 good parts given at once as a folder, two names in both subfolders:
+    results in the order given, folders shown where names repeat, the service's verdicts and
+    unclipped scores, its outlines drawn, the heatmap on its toggle, counts, and the CSV."""
     data, _ = trained
-    bad = sorted((data / "test" / "scratch").glob("*.png"))[0]
+    batch = tmp_path / "batch"
+    for folder, i in [("scratch", 0), ("scratch", 1), ("scratch", 2), ("good", 0), ("good", 1)]:
+        (batch / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / "test" / folder / f"{i:03d}.png", batch / folder)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(accept_downloads=True)
         page.goto(server[0] + "/")
         page.wait_for_function("document.getElementById('model').textContent.includes('rd')")
-        page.set_input_files("#file", str(bad))
-        page.wait_for_function("document.body.dataset.done === '1'", timeout=30_000)
-        assert page.text_content(".verdict") == "DEFECT"
-        width = page.evaluate("document.querySelector('img.overlay').naturalWidth")
-        assert width == Image.open(bad).width  # the overlay rendered, at the image's size
+        page.set_input_files("#folder", str(batch))
+        given = page.evaluate("[...document.getElementById('folder').files]"
+                              ".map(f => f.webkitRelativePath)")  # fmt: skip
+        assert sorted(given) == sorted(
+            f"batch/{f.parent.name}/{f.name}" for f in batch.rglob("*.png")
+        )
+        page.wait_for_function("document.body.dataset.done === '5'", timeout=60_000)
+        labels = page.eval_on_selector_all(".result small", "els => els.map(e => e.textContent)")
+        names = [Path(g).name for g in given]
+        shown = [g if names.count(Path(g).name) > 1 else Path(g).name for g in given]
+        assert labels == [f"{i}. {s}" for i, s in enumerate(shown, 1)]
+        assert "batch/good/000.png" in shown and "002.png" in shown
+        answers = []
+        for g in given:
+            body = (tmp_path / g).read_bytes()
+            files = {"file": (Path(g).name, body, "image/png")}
+            answers.append(httpx2.post(server[0] + "/predict?outlines=true", files=files).json())
+        verdicts = page.eval_on_selector_all(
+            ".result .verdict", "els => els.map(e => e.textContent)"
+        )
+        assert verdicts == [a["decision"].upper() for a in answers]
+        texts = page.eval_on_selector_all(".result p", "els => els.map(e => e.textContent)")
+        assert all(f"score {a['unclipped_score']:.2f}" in t for a, t in zip(answers, texts))
+        drawn = page.eval_on_selector_all(".result", "els => els.map(e => "
+                                          "e.querySelectorAll('polygon').length)")  # fmt: skip
+        assert drawn == [len(a["outlines"]) for a in answers] and sum(drawn) > 0
+        n_bad = sum(a["decision"] == "defect" for a in answers)
+        counts = page.text_content("#counts")
+        assert f"OK {5 - n_bad}" in counts and f"DEFECT {n_bad}" in counts
+        assert not page.is_visible(".result img.heat")
+        page.check("#heat")
+        assert page.is_visible(".result img.heat")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        with page.expect_download() as download:
+            page.click("#csv")
+        lines = Path(download.value.path()).read_text().splitlines()
         browser.close()
+    assert lines[0] == "n,path,decision,score,raw_score,regions,error"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[1].strip('"') for r in rows] == given
+    assert [r[2] for r in rows] == [a["decision"] for a in answers]

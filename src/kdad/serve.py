@@ -1,10 +1,13 @@
 """``kdad serve``: an HTTP service for the line, and its web page.
 
-``POST /predict`` takes one image upload and answers the calibrated score and decision, the
-defect instances, and the heatmap overlay and defect mask as base64 PNGs; ``GET /health`` says
-what is loaded; ``GET /`` is a page where a person drops images and sees the verdict; FastAPI
-serves the OpenAPI schema at ``/openapi.json`` (and ``/docs``). The service keeps no state
-between requests, so replicas behind any load balancer answer alike.
+``POST /predict`` takes one image upload and answers the verdict: the calibrated score (also
+unclipped, so that a part far over the threshold reads so) and decision, and the defect
+instances. What costs more comes only when asked for: ``outlines`` (the found regions'
+polygons), ``heatmap`` (a PNG at the model's resolution), ``images`` (the heatmap overlay and
+the defect mask as PNGs at the image's). The ``Server-Timing`` header gives the model's share of
+the answer. ``GET /health`` says what is loaded; ``GET /`` is a page where a person drops images
+and sees the verdicts; FastAPI serves the OpenAPI schema at ``/openapi.json`` (and ``/docs``).
+The service keeps no state between requests, so replicas behind any load balancer answer alike.
 
 Bad input is a 4xx with a JSON ``detail``: 415 for a content type that is not an image, 413 for
 an upload over ``max_bytes`` or an image over ``max_pixels`` (decompression bombs), 400 for
@@ -16,20 +19,30 @@ from __future__ import annotations
 import base64
 import io
 import os
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, HTTPException, Response, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
 from kdad.config import ServeConfig
+from kdad.engine.calibrate import unclipped
 from kdad.engine.pool import cores_per
 from kdad.export import load_runner
-from kdad.outputs import defect_mask, find_instances, heatmap_overlay, upsample_map
+from kdad.outputs import (
+    PNG_LEVEL,
+    defect_mask,
+    find_instances,
+    heat_png,
+    heatmap_overlay,
+    region_outlines,
+    upsample_map,
+)
 
 IMAGE_TYPES = {
     "image/png",
@@ -43,7 +56,7 @@ IMAGE_TYPES = {
 
 def _png64(img: Image.Image) -> str:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=PNG_LEVEL)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -104,9 +117,18 @@ def create_app(
         }
 
     @app.post("/predict")
-    def predict(file: Annotated[UploadFile, File()], images: bool = True) -> dict[str, Any]:
-        """Score one image: normalised score (0.5 = threshold), decision, defect instances
-        (boxes in original pixels), and base64 PNGs of the overlay and mask (``images``)."""
+    def predict(
+        file: Annotated[UploadFile, File()],
+        response: Response,
+        outlines: bool = False,
+        heatmap: bool = False,
+        images: bool = False,
+    ) -> dict[str, Any]:
+        """Score one image: normalised score (0.5 = threshold; clipped to [0, 1]) and the same
+        scale unclipped, decision, defect instances (boxes in original pixels); on request the
+        regions' ``outlines`` (polygons in the image's coordinates), the ``heatmap`` (base64
+        PNG at the model's resolution), and full-size ``images``: overlay and mask PNGs."""
+        tic = time.perf_counter()
         name = file.filename or "upload"
         ctype = (file.content_type or "").split(";")[0].strip().lower()
         if ctype not in IMAGE_TYPES:
@@ -115,23 +137,38 @@ def create_app(
         if len(data) > max_bytes:
             raise HTTPException(413, f"{name}: upload over the {max_bytes} byte limit")
         rgb = decode_upload(data, name, max_pixels)  # (H, W, 3) uint8
+        model_tic = time.perf_counter()
         out = runner.run(rgb[None])
+        model_s = time.perf_counter() - model_tic
         h, w = rgb.shape[:2]
-        heat = np.clip(upsample_map(out["map"][0], h, w), 0, 1)  # (H, W), 0.5 = pixel threshold
+        small = out["map"][0]  # (h, w), normalised: 0.5 = pixel threshold
         defect = bool(out["defect"][0])
-        mask = defect_mask(heat, defect)
+        raw = float(out["raw_score"][0])
         answer: dict[str, Any] = {
             "filename": name,
             "width": w,
             "height": h,
             "score": float(out["score"][0]),
-            "raw_score": float(out["raw_score"][0]),
+            "unclipped_score": float(unclipped(raw, cal["image_threshold"], cal["image_low"])),
+            "raw_score": raw,
             "decision": "defect" if defect else "ok",
-            "instances": find_instances(mask, heat),
+            "instances": [],
         }
+        if defect or images:  # a good part has no regions: its map stays small
+            heat = np.clip(upsample_map(small, h, w), 0, 1)  # (H, W)
+            mask = defect_mask(heat, defect)
+            answer["instances"] = find_instances(mask, heat)
+        if outlines:
+            answer["outlines"] = region_outlines(small, h, w) if defect else []
+        if heatmap:
+            answer["heatmap_png"] = _png64(heat_png(small))
         if images:
             answer["overlay_png"] = _png64(heatmap_overlay(rgb / 255.0, heat))
             answer["mask_png"] = _png64(Image.fromarray(mask.astype(np.uint8) * 255))
+        total_ms = 1000 * (time.perf_counter() - tic)
+        response.headers["Server-Timing"] = (
+            f"model;dur={1000 * model_s:.2f}, total;dur={total_ms:.2f}"
+        )
         return answer
 
     return app
