@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_mvtec
+from PIL import Image
 
 import kdad
 from kdad.cli import main
 from kdad.errors import KdadError
+from kdad.page import THUMB
 from kdad.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,8 +71,14 @@ def _render(page: Path, tmp: Path) -> dict[str, int]:
 def _self_contained(page: Path) -> str:
     text = page.read_text()
     srcs = re.findall(r'src="([^"]*)"', text)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert srcs and all(re.match(r"data:image/(png|jpeg);base64,", s) for s in srcs)
     return text
+
+
+def _parts(html: str) -> list[np.ndarray]:
+    """The page's embedded JPEGs (the parts), as (H, W, 3) arrays."""
+    found = re.findall(r'src="data:image/jpeg;base64,([^"]*)"', html)
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in found]
 
 
 def test_labelled_report(run: Path, tmp_path: Path) -> None:
@@ -84,6 +95,11 @@ def test_labelled_report(run: Path, tmp_path: Path) -> None:
         "good test images flagged",
     ):
         assert part in text
+    parts = _parts(text)
+    assert len(parts) == 8 and all(p.shape[1] <= THUMB for p in parts)
+    missed = parts[4:]  # the defective images: their true region outlined in magenta
+    magenta = [((p[..., 0] > 180) & (p[..., 1] < 90) & (p[..., 2] > 180)).sum() for p in missed]
+    assert all(m > 0 for m in magenta)
     if CHROMIUM is None:
         pytest.skip("chromium is not installed")
     seen = _render(page, tmp_path)

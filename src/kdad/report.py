@@ -2,8 +2,9 @@
 
 From a test's metrics.json (or the folder holding it): the metrics and the protocol, ROC and PR
 curves, score histograms of good and defective parts with the threshold, and the worst false
-positives and false negatives with their heatmaps. From a predict folder (predictions.jsonl,
-no labels): the score distribution and the highest-scoring images.
+positives and false negatives with their heatmaps, the true region and the found one outlined.
+From a predict folder (predictions.jsonl, no labels): the score distribution and the
+highest-scoring images. Images are embedded at their display size, as JPEG.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from kdad.errors import KdadError, KdadWarning
 from kdad.files import atomic_write
-from kdad.page import html_page, img_tag, png_uri
+from kdad.page import THUMB, html_page, img_tag, jpeg_uri, outline, png_uri
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -59,24 +60,54 @@ def _curves(scores: np.ndarray, labels: np.ndarray) -> str:
     return img_tag(png_uri(fig), "ROC and PR curves")
 
 
+TRUTH = (255, 0, 255)  # the true region's outline: magenta, a colour jet never takes
+FOUND = (255, 255, 255)  # the found region's: white
+LEGEND = (
+    "<p>Each part at display size with its heatmap; outlined in magenta the true defect (its "
+    "mask), in white the region kdad found (pixels past the pixel threshold on a part judged "
+    "defective).</p>"
+)
+
+
+def _display(rgb: np.ndarray) -> tuple[int, int]:
+    """The (width, height) an image (H, W, ...) is shown at: ``THUMB`` wide at most."""
+    h, w = rgb.shape[:2]
+    tw = min(THUMB, w)
+    return tw, max(1, round(h * tw / w))
+
+
+def _shrunk_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask (H, W) resized to ``size`` (width, height): the pixels half covered."""
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(small) >= 128
+
+
 def _overlays(checkpoint: str, rows: list[dict[str, Any]], what: str) -> str:
-    """Heatmap overlays of the given images, computed with the run's own checkpoint."""
+    """Heatmap overlays of the given images at display size, computed with the run's own
+    checkpoint, the true region and the found one outlined."""
     if not rows:
         return f"<p>No {what}.</p>"
-    from kdad.data.io import read_image
+    from kdad.data.io import read_image, read_mask
     from kdad.detector import Detector
+    from kdad.outputs import heatmap_overlay
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", KdadWarning)
         det = Detector.load(checkpoint, device="cpu")
-    from kdad.outputs import heatmap_overlay
-
     figs = []
     for r, pred in zip(rows, det.predict([r["path"] for r in rows])):
-        img = read_image(r["path"])
-        _, heat, _ = det.analyse(Path(r["path"]), img, pred.anomaly_map, pred.score)
+        img = read_image(r["path"])  # (H, W, 3) in [0, 1]
+        _, heat, found = det.analyse(Path(r["path"]), img, pred.anomaly_map, pred.score)
+        size = _display(img)
+        part = Image.fromarray((img * 255).round().astype(np.uint8)).resize(size)
+        small_heat = Image.fromarray(heat.astype(np.float32), mode="F").resize(size)
+        rgb = np.asarray(heatmap_overlay(np.asarray(part) / 255.0, np.asarray(small_heat)))
+        if found is not None and found.any():
+            rgb = outline(rgb, _shrunk_mask(found, size), FOUND)
+        if r.get("mask"):
+            rgb = outline(rgb, _shrunk_mask(read_mask(r["mask"]), size), TRUTH)
         caption = f"{Path(r['path']).name} ({r.get('defect', '')}) score {r['score']:.4g}"
-        figs.append(img_tag(png_uri(heatmap_overlay(img, heat)), caption, caption, "thumb"))
+        figs.append(img_tag(jpeg_uri(Image.fromarray(rgb)), caption, caption, "thumb"))
     return "".join(figs)
 
 
@@ -126,6 +157,7 @@ def labelled_report(metrics_file: Path, top: int = 6) -> str:
     bad_rows = sorted((r for r in per if r["label"] == 1), key=lambda r: r["score"])[:top]
     body += [
         "<h2>Worst false positives (highest-scoring good images)</h2>",
+        LEGEND,
         _overlays(ckpt, good_rows, "good images"),
         "<h2>Worst false negatives (lowest-scoring defective images)</h2>",
         _overlays(ckpt, bad_rows, "defective images"),
@@ -163,11 +195,18 @@ def unlabelled_report(pred_dir: Path, top: int = 12) -> str:
         "<h2>Scores</h2>",
         _histogram({"all images": scores}, None, "image scores"),
         "<h2>Highest-scoring images</h2>",
+        "<p>Each at display size with its heatmap; in white the region found.</p>",
     ]
     for x in sorted(ok, key=lambda x: -x["score"])[:top]:
-        img = Image.open(pred_dir / x["heatmap"])
+        shown = pred_dir / x["heatmap"] if x["heatmap"] else Path(x["path"])
+        rgb = np.asarray(Image.open(shown).convert("RGB"))
+        size = _display(rgb)
+        rgb = np.asarray(Image.fromarray(rgb).resize(size))
+        if x["mask"]:
+            found = np.asarray(Image.open(pred_dir / x["mask"]).convert("L")) > 127
+            rgb = outline(rgb, _shrunk_mask(found, size), FOUND)
         caption = f"{Path(x['path']).name} score {x['score']:.4g} {x['decision'] or ''}"
-        body.append(img_tag(png_uri(img), caption, caption, "thumb"))
+        body.append(img_tag(jpeg_uri(Image.fromarray(rgb)), caption, caption, "thumb"))
     return html_page(f"kdad predictions: {pred_dir}", "".join(body))
 
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from kdad.data.layouts import Sample
 from kdad.errors import KdadError
 from kdad.files import atomic_write
-from kdad.page import html_page, img_tag, png_uri
+from kdad.page import html_page, img_tag, outline, png_uri
 
 
 def read_bank(folder: str | Path, keep: list[Sample]) -> list[tuple[Path, Path, Path]]:
@@ -43,9 +42,7 @@ def outlined(image: Path, mask: Path) -> Image.Image:
     """``image`` with the border of ``mask`` (same size) drawn in red, 2 pixels wide."""
     rgb = np.array(Image.open(image).convert("RGB"))
     m = np.array(Image.open(mask).convert("L")) > 127
-    edge = ndimage.binary_dilation(m, iterations=2) & ~m
-    rgb[edge] = (255, 0, 0)
-    return Image.fromarray(rgb)
+    return Image.fromarray(outline(rgb, m, (255, 0, 0)))
 
 
 def synthetic_gallery(folder: str | Path, top: int = 24, width: int = 240) -> Path:
