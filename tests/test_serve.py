@@ -92,6 +92,20 @@ def test_predict_health_schema_and_page(trained: tuple[Path, Path]) -> None:
     assert r.status_code == 200 and r.json()["decision"] == "ok" and r.json()["outlines"] == []
 
 
+def test_a_checkpoint_is_served_by_its_export_in_the_graph_cache(trained) -> None:
+    data, export = trained
+    served = TestClient(create_app(export.parent / "run"))
+    assert served.get("/health").json()["runtime"] == "onnxruntime"
+    ref = TestClient(create_app(export))
+    for f in sorted((data / "test").rglob("*.png")):
+        upload = {"file": (f.name, f.read_bytes(), "image/png")}
+        a, b = (
+            served.post("/predict", files=upload).json(),
+            ref.post("/predict", files=upload).json(),
+        )
+        assert a["decision"] == b["decision"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
 def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(trained: tuple[Path, Path]) -> None:
     data, export = trained
     client = TestClient(create_app(export, max_bytes=200_000, max_pixels=1_000_000))

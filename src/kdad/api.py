@@ -24,6 +24,7 @@ from kdad.config import (
     apply_overrides,
     load_config,
 )
+from kdad.data.demo_parts import DEMO_EPOCHS
 from kdad.detector import Detector, Prediction, recalibrate
 from kdad.engine import choose
 from kdad.errors import KdadError
@@ -253,11 +254,38 @@ def bench(
     return run_grid(grid, progress, models, jobs, seeds)
 
 
+def demo(
+    out: str | Path = "kdad-demo", progress: bool = True, epochs: int = DEMO_EPOCHS
+) -> dict[str, Any]:
+    """kdad's main job on generated parts (data/demo_parts.py), no data of one's own and no
+    network needed: write the parts to OUT/data, train the default model on the good ones
+    (OUT/run), test it on the labelled test set, predict the test folder (OUT/predictions, with
+    heatmaps and masks) and write the report. Returns the paths and the test's metrics."""
+    from kdad.data.demo_parts import DEMO_SIZE, write_demo_set
+    from kdad.report import build_report
+
+    out = Path(out)
+    if (out / "run").exists():
+        raise KdadError(f"{out / 'run'} exists: give another --out, or remove it")
+    data = write_demo_set(out / "data", size=DEMO_SIZE)
+    ckpt = train(data=data, out=out / "run", image_size=DEMO_SIZE, epochs=epochs, progress=progress)
+    result = evaluate(ckpt, out=out / "run")
+    csv_path, _ = predict(ckpt, [data / "test"], out / "predictions", progress=False)
+    return {
+        "data": data,
+        "checkpoint": ckpt,
+        "metrics": result["metrics"],
+        "predictions": csv_path,
+        "report": build_report(out / "run"),
+    }
+
+
 __all__ = [
     "Detector",
     "Prediction",
     "bench",
     "calibrate",
+    "demo",
     "evaluate",
     "export",
     "load",

@@ -29,6 +29,7 @@ from kdad.config import (
     TrainConfig,
 )
 from kdad.data.augment import AUGMENTATIONS
+from kdad.data.demo_parts import DEMO_EPOCHS
 from kdad.data.layouts import LAYOUTS
 from kdad.errors import KdadError
 
@@ -281,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heatmaps", action="store_true", help="write no heatmap overlays")
     p.add_argument("--no-masks", action="store_true", help="write no defect masks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = sub.add_parser(
+        "demo", help="train, test and report on generated parts: kdad at work, with no data"
+    )
+    d.add_argument("--out", default="kdad-demo", help="folder for it all (default kdad-demo)")
+    d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
     r.add_argument("source", help="run folder, metrics.json, or predict output folder")
     r.add_argument("--out", help="HTML file (default: report.html beside the source)")
@@ -418,6 +425,28 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"predictions: {csv_path}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    import csv
+
+    from kdad import api
+
+    print(f"kdad demo: generated washers in {args.out}/data; training the default model...")
+    res = api.demo(args.out, progress=not args.no_progress, epochs=args.epochs)
+    print(_metrics_table(res["metrics"]))
+    with open(res["predictions"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    print("\nverdicts on the test parts (kinds are the test folders; good parts should be ok):")
+    kinds = sorted({Path(r["path"]).parent.name for r in rows})
+    for kind in kinds:
+        mine = [r for r in rows if Path(r["path"]).parent.name == kind]
+        flagged = sum(r["decision"] == "defect" for r in mine)
+        print(f"  {kind:<8} {len(mine):>3} parts: {flagged:>3} defect, {len(mine) - flagged:>3} ok")
+    print(f"\nreport:      {res['report']}")
+    print(f"predictions: {res['predictions']} (heatmaps/, masks/ beside it)")
+    print(f"checkpoint:  {res['checkpoint']}")
+    print("next: kdad train --data YOUR_GOOD_IMAGES --out runs/mine (README, 'Train')")
+
+
 def _report(args: argparse.Namespace) -> None:
     from kdad import api
 
@@ -483,6 +512,7 @@ VERBS = {
     "test": _test,
     "predict": _predict,
     "report": _report,
+    "demo": _demo,
     "calibrate": _calibrate,
     "export": _export,
     "serve": _serve,

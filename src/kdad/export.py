@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from kdad.data.dataset import input_hw
 from kdad.detector import Detector
 from kdad.engine.calibrate import normalise
-from kdad.engine.runtime import write_onnx
+from kdad.engine.runtime import cache_dir, graph_key, write_onnx
 from kdad.errors import KdadError
 from kdad.files import atomic_write
 
@@ -154,6 +154,7 @@ class OnnxRunner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as runtime.py
         self.session = ort.InferenceSession(
             str(model_path), opts, providers=["CPUExecutionProvider"]
         )
@@ -165,16 +166,30 @@ class OnnxRunner:
         return dict(zip(OUTPUTS, self.session.run(None, {"images": images})))
 
 
+def cached_export(checkpoint: str | Path) -> Path:
+    """The checkpoint's export (export_onnx) in the graph cache (engine/runtime.py), written
+    when absent: the folder, keyed by its weights, calibration, code and versions."""
+    det = Detector.load(checkpoint, "cpu")
+    hw = input_hw(det.cfg.data.image_size)
+    folder = cache_dir() / "exports" / graph_key(det.model, hw, ("deployable", det.calibration))
+    if not ((folder / "model.onnx").is_file() and (folder / "kdad.json").is_file()):
+        export_onnx(checkpoint, folder)
+    return folder
+
+
 def load_runner(
-    source: str | Path, device: str = "cpu", threads: int | None = None
+    source: str | Path, device: str = "cpu", threads: int | None = None, runtime: str = "auto"
 ) -> TorchRunner | OnnxRunner:
-    """An export folder (or its model.onnx) runs on onnxruntime; a checkpoint or run folder
-    on PyTorch (which then uses ``threads`` threads in this process)."""
+    """An export folder (or its model.onnx) runs on onnxruntime; so does a checkpoint or run
+    folder, exported once into the graph cache, unless ``runtime`` is pytorch or ``device`` a
+    GPU: then PyTorch runs it (with ``threads`` threads in this process)."""
     p = Path(source)
     if not p.exists():
         raise KdadError(f"{p}: no such model (a checkpoint, run folder or export folder)")
     if p.suffix == ".onnx" or (p / "kdad.json").is_file():
         return OnnxRunner(p, threads)
+    if runtime == "auto" and device == "cpu":
+        return OnnxRunner(cached_export(p), threads)
     if threads:
         torch.set_num_threads(threads)
     return TorchRunner(p, device)

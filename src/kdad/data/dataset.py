@@ -105,9 +105,16 @@ def squash_advice(
 
 
 def resize_image(img: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """(3, H, W) in [0, 1] -> (3, h, w) of ``size`` (side or (h, w)), bilinear, antialiased."""
+    """(3, H, W) in [0, 1] -> (3, h, w) of ``size`` (side or (h, w)), bilinear, antialiased.
+
+    The input is made contiguous first: an image permuted from (H, W, 3) resizes 15-20x slower
+    in place, to the same bits."""
     return F.interpolate(
-        img[None], size=input_hw(size), mode="bilinear", align_corners=False, antialias=True
+        img.contiguous()[None],
+        size=input_hw(size),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
     )[0].clamp_(0, 1)
 
 

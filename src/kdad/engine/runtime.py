@@ -83,6 +83,9 @@ def _onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], list[np.nda
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # Idle threads sleep rather than spin: between batches this process decodes, resizes and
+    # writes on the same cores (spinning made that 10x slower, docs/benchmarks.md)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})
 
@@ -133,13 +136,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdad"
 
 
-def graph_key(model: KDModel, hw: tuple[int, int]) -> str:
-    """A hash of everything the graph depends on: weights, config, input size, code, versions."""
+def graph_key(model: KDModel, hw: tuple[int, int], extra: object = None) -> str:
+    """A hash of everything the graph depends on: weights, config, input size, code, versions
+    (and ``extra``, by its repr: what else a graph holds, e.g. a calibration)."""
     from importlib.metadata import version
 
     h = hashlib.sha256()
     versions = (torch.__version__, version("onnxruntime"), version("onnx"), version("onnxscript"))
-    h.update(repr((type(model).__name__, model.opt, hw, versions)).encode())
+    h.update(repr((type(model).__name__, model.opt, hw, versions, extra)).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
