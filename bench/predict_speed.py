@@ -67,18 +67,23 @@ def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
     return out
 
 
-def timed_predict(ckpt: Path, images: Path, out: Path, runtime: str, files: bool) -> dict:
+def timed_predict(
+    ckpt: Path, images: Path, out: Path, runtime: str, files: bool, profiled: bool
+) -> dict:
     """One predict run: wall seconds, images/s, and its stages (a second, profiled run)."""
     kw = {"runtime": runtime, "heatmaps": files, "masks": files, "progress": False}
     tic = time.perf_counter()
     kdad.predict(ckpt, [images], out / "timed", **kw)
     wall = time.perf_counter() - tic
-    profile = cProfile.Profile()
-    profile.enable()
-    kdad.predict(ckpt, [images], out / "profiled", **kw)
-    profile.disable()
     count = len(list(images.iterdir()))
-    return {"seconds": wall, "images_per_s": count / wall, "stages": stage_seconds(profile)}
+    row = {"seconds": wall, "images_per_s": count / wall}
+    if profiled:
+        profile = cProfile.Profile()
+        profile.enable()
+        kdad.predict(ckpt, [images], out / "profiled", **kw)
+        profile.disable()
+        row["stages"] = stage_seconds(profile)
+    return row
 
 
 def main() -> None:
@@ -88,6 +93,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--runtimes", nargs="+", default=["pytorch", "onnxruntime"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-profile", action="store_true", help="no second, profiled run")
     ap.add_argument("--out", default="bench/results/predict_speed.json")
     args = ap.parse_args()
 
@@ -112,11 +118,14 @@ def main() -> None:
             row = {"gflops_per_image": gflops, "input": [h, w]}
             for runtime in args.runtimes:
                 for mode, files in (("scoring", False), ("default", True)):
-                    r = timed_predict(ckpt, images, run / runtime / mode, runtime, files)
+                    r = timed_predict(
+                        ckpt, images, run / runtime / mode, runtime, files, not args.no_profile
+                    )
                     r["share_of_peak"] = gflops * r["images_per_s"] / peak
                     row[f"{runtime}/{mode}"] = r
                     print(name, runtime, mode, {k: v for k, v in r.items() if k != "stages"})
-                    print("   ", {k: round(v, 2) for k, v in r["stages"].items()})
+                    if "stages" in r:
+                        print("   ", {k: round(v, 2) for k, v in r["stages"].items()})
             rows[name] = row
     write_result(
         args.out,

@@ -15,6 +15,7 @@ from typing import Any
 from kdad.config import (
     DataConfig,
     DDPMOptions,
+    DemoConfig,
     DiffusionConfig,
     LaunchConfig,
     PaintConfig,
@@ -24,7 +25,6 @@ from kdad.config import (
     apply_overrides,
     load_config,
 )
-from kdad.data.demo_parts import DEMO_EPOCHS
 from kdad.detector import Detector, Prediction, recalibrate
 from kdad.engine import choose
 from kdad.errors import KdadError
@@ -255,20 +255,21 @@ def bench(
 
 
 def demo(
-    out: str | Path = "kdad-demo", progress: bool = True, epochs: int = DEMO_EPOCHS
+    out: str | Path = DemoConfig.out, progress: bool = True, epochs: int = DemoConfig.epochs
 ) -> dict[str, Any]:
     """kdad's main job on generated parts (data/demo_parts.py), no data of one's own and no
     network needed: write the parts to OUT/data, train the default model on the good ones
     (OUT/run), test it on the labelled test set, predict the test folder (OUT/predictions, with
     heatmaps and masks) and write the report. Returns the paths and the test's metrics."""
-    from kdad.data.demo_parts import DEMO_SIZE, write_demo_set
+    from kdad.data.demo_parts import write_demo_set
     from kdad.report import build_report
 
     out = Path(out)
     if (out / "run").exists():
         raise KdadError(f"{out / 'run'} exists: give another --out, or remove it")
-    data = write_demo_set(out / "data", size=DEMO_SIZE)
-    ckpt = train(data=data, out=out / "run", image_size=DEMO_SIZE, epochs=epochs, progress=progress)
+    size = DemoConfig.image_size
+    data = write_demo_set(out / "data", size=size)
+    ckpt = train(data=data, out=out / "run", image_size=size, epochs=epochs, progress=progress)
     result = evaluate(ckpt, out=out / "run")
     csv_path, _ = predict(ckpt, [data / "test"], out / "predictions", progress=False)
     return {

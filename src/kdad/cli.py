@@ -19,6 +19,7 @@ from kdad.config import (
     CalibrationConfig,
     DataConfig,
     DDPMOptions,
+    DemoConfig,
     DiffusionConfig,
     LaunchConfig,
     ModelConfig,
@@ -29,7 +30,6 @@ from kdad.config import (
     TrainConfig,
 )
 from kdad.data.augment import AUGMENTATIONS
-from kdad.data.demo_parts import DEMO_EPOCHS
 from kdad.data.layouts import LAYOUTS
 from kdad.errors import KdadError
 
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="train, test and report on generated parts: kdad at work, with no data"
     )
-    d.add_argument("--out", default="kdad-demo", help="folder for it all (default kdad-demo)")
-    d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    _setting(d, DemoConfig, "out", "folder for the parts, the run, the predictions, the report")
+    _setting(d, DemoConfig, "epochs")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="a self-contained HTML report of a test or predict run")
     r.add_argument("source", help="run folder, metrics.json, or predict output folder")

@@ -110,6 +110,15 @@ class ScoreConfig:
 
 
 @dataclass
+class DemoConfig:
+    """`kdad demo`: generated parts (data/demo_parts.py), the default model trained briefly."""
+
+    out: str = "kdad-demo"  # folder for the parts, the run, the predictions and the report
+    epochs: int = 8  # the default model's whole pipeline (both students probed), shortened
+    image_size: int = 128  # the parts' side and the input size
+
+
+@dataclass
 class LaunchConfig:
     """How many processes run at once."""
 

@@ -17,8 +17,6 @@ from PIL import Image
 from scipy import ndimage
 
 DEFECTS = ("scratch", "dent", "chip")
-DEMO_SIZE = 128  # the parts' side, and the demo's input size
-DEMO_EPOCHS = 8  # the demo's training: the default model's whole pipeline, shortened
 
 
 def washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
