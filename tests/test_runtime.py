@@ -4,6 +4,8 @@ onnxruntime (the default on the CPU), kept in a cache keyed by what made it."""
 from __future__ import annotations
 
 import csv
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from conftest import make_mvtec
 
 import kdad
-from kdad.engine.runtime import TOLERANCE, EagerScorer, GraphScorer, make_scorer
+from kdad.engine.runtime import KEEP_DAYS, TOLERANCE, EagerScorer, GraphScorer, make_scorer
 from kdad.errors import KdadError
 from kdad.models import MODELS, build_model
 
@@ -32,12 +34,21 @@ def test_every_model_answers_in_onnxruntime_what_it_answers_in_pytorch(name: str
 
 
 def test_a_graph_is_reused_until_the_weights_change(graph_cache: Path) -> None:
+    stale, recent = graph_cache / "graphs" / "stale.onnx", graph_cache / "graphs" / "recent.onnx"
+    stale.parent.mkdir(exist_ok=True)
+    for path, days in ((stale, KEEP_DAYS + 1), (recent, KEEP_DAYS - 1)):
+        path.write_bytes(b"")
+        past = time.time() - days * 86400
+        os.utime(path, (past, past))
     model = build_model("rd", "efficientnet_lite0", pretrained=False).eval()
     first = make_scorer(model, (32, 32), "auto")
+    assert not stale.exists() and recent.exists()  # unused graphs go when one is written
     assert isinstance(first, GraphScorer)  # auto on the CPU
-    stamp = first.path.stat().st_mtime_ns
+    past, inode = time.time() - 86400, first.path.stat().st_ino
+    os.utime(first.path, (past, past))
     again = make_scorer(model, (32, 32))
-    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    assert again.path == first.path and again.path.stat().st_ino == inode  # not written again
+    assert again.path.stat().st_mtime > past + 3600  # but marked used
     assert first.path.parent == graph_cache / "graphs"
     with torch.no_grad():
         model.param_groups()[0]["params"][0].add_(1.0)  # a weight of the student

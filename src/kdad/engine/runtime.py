@@ -8,14 +8,17 @@ checked against PyTorch on random input before use (maps and scores within 1e-4 
 Writing a graph takes seconds, so it is kept in a cache folder (``KDAD_CACHE``, else
 ``~/.cache/kdad``), named by a hash of the weights, the config, the code and the library
 versions that made it: the next load of the same model reuses it, any change writes a new one.
+Each use marks a graph as used; graphs unused for ``KEEP_DAYS`` go when a new one is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ from kdad.models import KDModel, Output
 
 SRC = Path(__file__).resolve().parents[1]  # the kdad package: its code is part of the key
 TOLERANCE = 1e-4  # of the range of the maps and scores compared
+KEEP_DAYS = 30  # a cached graph unused this long is removed when another is written
 
 
 class Scorer(Protocol):
@@ -156,6 +160,7 @@ def cached_graph(model: KDModel, hw: tuple[int, int]) -> Path:
     """The model's graph from the cache, written (and checked against PyTorch) when absent."""
     path = cache_dir() / "graphs" / f"{graph_key(model, hw)}.onnx"
     if path.is_file():
+        os.utime(path)  # used now
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +174,18 @@ def cached_graph(model: KDModel, hw: tuple[int, int]) -> Path:
         check_graph(model, GraphScorer(tmp, "onnxruntime", torch.get_num_threads()), example)
 
     atomic_write(path, write)
+    prune(path.parent)
     return path
+
+
+def prune(folder: Path, days: float = KEEP_DAYS) -> None:
+    """Remove the graphs in ``folder`` unused for ``days`` (their modification time is their
+    last use); one that another process removes first is left to it."""
+    cutoff = time.time() - days * 86400
+    for old in folder.glob("*.onnx"):
+        with contextlib.suppress(FileNotFoundError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def check_graph(model: KDModel, graph: Scorer, x: Tensor) -> None:
