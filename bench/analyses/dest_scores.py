@@ -1,12 +1,12 @@
-"""Which of DeST-DDPM's outputs scores Magnetic Tile images best: one trained checkpoint, dev
-half, image score from the segmentation head (the mean of its top pixels, the model's rule, or
-its maximum) or from the denoising student's disagreement with the teacher (1 - cos per scale,
-each scale divided by its mean on the held-out good training images, summed, smoothed, maximum:
-RD's map and score), or both: the sum of the two scores, each standardised by its mean and
-standard deviation on the held-out good training images (the head's map, or the sum of both
-maps, each standardised over the good images' pixels; the head's map also smoothed by a
-Gaussian of sigma 2, 4 or 8 pixels). Pixel metrics for every map. With four scales, the
-student's map also without its shallowest (stride 4, as the default's deep student).
+"""Which of DeST-DDPM's outputs scores Magnetic Tile images best: one trained checkpoint, dev half
+(another dataset: its whole test set), image score from the segmentation head (the mean of its
+top pixels, the model's rule, or its maximum) or from the denoising student's disagreement with
+the teacher (1 - cos per scale, each scale divided by its mean on the held-out good training
+images, summed, smoothed, maximum: RD's map and score), or both: the sum of the two scores, each
+standardised by its mean and standard deviation on the held-out good training images (the head's
+map, or the sum of both maps, each standardised over the good images' pixels; the head's map
+also smoothed by a Gaussian of sigma 2, 4 or 8 pixels). Pixel metrics for every map. With four
+scales, the student's map also without its shallowest (stride 4, as the default's deep student).
 
     python bench/analyses/dest_scores.py \
         runs/mtd_dest/dest_ddpm-perlin/magnetic-tile/seed0/best.pt \
@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 from common import checkpoint_parser, mtd_half, write_result
 
-from kdad.data.layouts import training_samples
+from kdad.data.layouts import detect_layout, find_samples, training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics, per_class_image_auroc
 from kdad.models.distill import scale_maps
 from kdad.models.layers import GaussianBlur
+from kdad.models.seghead import head_output
 
 
 def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
@@ -40,22 +41,28 @@ def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
 
 @torch.no_grad()
 def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarray]:
-    """head: (N, H, W) head maps; head_score: (N,) the mean of each head map's top pixels (the
-    head's own score); model_score: (N,) the model's; cos: per scale (N, H, W) maps; masks:
-    (N, H, W)."""
+    """head: (N, H, W) the head's own maps; head_score: (N,) the mean of each head map's top
+    pixels (the head's own score); model_map, model_score: the model's (with ``map`` and
+    ``image_score`` both, the head's and the student's standardised and summed); cos: per scale
+    (N, H, W) maps; masks: (N, H, W)."""
     model = det.model.eval()
     ds = det.dataset(samples)
-    head, score, cos, masks = [], [], [], []
+    head, model_map, score, cos, masks = [], [], [], [], []
     for chunk in DataLoader(ds, batch_size=batch):
         x = chunk["image"]  # (B, 3, H, W)
+        size = tuple(x.shape[-2:])
         masks.append(chunk["mask"])
         out = model(x)
-        head.append(out.anomaly_map)
+        model_map.append(out.anomaly_map)
         score.append(out.score)
-        cos.append(scale_maps(model.teacher(x), model.student(x), tuple(x.shape[-2:])))
+        t, s = model.teacher(x), model.student(x)
+        logits = model.head.segment(model.mapped(t), model.mapped(s))
+        head.append(head_output(logits, size, model.opt.top_share).anomaly_map)
+        cos.append(scale_maps(t, s, size))
     return {
         "head": torch.cat(head).numpy(),
         "head_score": top_mean(torch.cat(head), model.opt.top_share).numpy(),
+        "model_map": torch.cat(model_map).numpy(),
         "model_score": torch.cat(score).numpy(),
         "cos": [torch.cat(c).numpy() for c in zip(*cos)],
         "masks": torch.cat(masks).numpy() > 0.5,
@@ -80,7 +87,11 @@ def main() -> None:
 
     good_maps = {"student": student_map(good), "student, deep": student_map(good, deep)}
     good_head = good["head_score"]
-    test = mtd_half(det.cfg.data.path)
+    layout = detect_layout(Path(det.cfg.data.path))
+    if layout == "mtd":
+        test = mtd_half(det.cfg.data.path)
+    else:  # another dataset: its whole test set (no dev half to keep apart)
+        test = find_samples(det.cfg.data.path, "test", layout)
     o = outputs(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
@@ -90,7 +101,7 @@ def main() -> None:
         return (x - ref.mean()) / ref.std()
 
     rows = {
-        "the model's score and map": (o["model_score"], o["head"]),
+        "the model's score and map": (o["model_score"], o["model_map"]),
         "head, top mean": (o["head_score"], o["head"]),
         "head, max": (peak(o["head"]), o["head"]),
     }
@@ -102,8 +113,8 @@ def main() -> None:
 
         ref, amap = good_maps["student, deep"], maps["student, deep"]
         pixels = z(head_map(o), head_map(good)) + z(amap, ref)
-        rows[f"head smoothed {sigma:g}"] = (o["model_score"], head_map(o))
-        rows[f"head smoothed {sigma:g} + student, deep, z maps"] = (o["model_score"], pixels)
+        rows[f"head smoothed {sigma:g}"] = (o["head_score"], head_map(o))
+        rows[f"head smoothed {sigma:g} + student, deep, z maps"] = (o["head_score"], pixels)
     for name, amap in maps.items():
         ref = good_maps[name]
         both = z(o["head_score"], good_head) + z(peak(amap), peak(ref))
@@ -121,7 +132,8 @@ def main() -> None:
             f"{k} {100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
         ]
         print(f"{name:40s} " + " ".join(cells + [f"{c} {100 * v:.0f}" for c, v in per.items()]))
-    settings = {"checkpoint": str(args.checkpoint), "half": "dev", "held_out_good": len(held)}
+    half = "dev" if layout == "mtd" else "all"
+    settings = {"checkpoint": str(args.checkpoint), "half": half, "held_out_good": len(held)}
     write_result(args.out, {"benchmark": "dest_scores", "settings": settings, "rows": result})
 
 
