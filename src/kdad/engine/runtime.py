@@ -1,6 +1,6 @@
-"""The runtimes a trained model scores on: PyTorch eager, or the model's ONNX graph in
-onnxruntime (the default on the CPU: 1.3-3x PyTorch's images/s, docs/benchmarks.md) or OpenVINO
-where it is installed.
+"""The runtimes a trained model scores on: PyTorch eager, or the model's ONNX graph in onnxruntime
+(the default on the CPU: 2.7-4.5x the images/s of PyTorch eager in `kdad predict`,
+docs/benchmarks.md) or OpenVINO where it is installed.
 
 The graph is the model alone: the normalised batch (B, 3, h, w) in, the raw anomaly map
 (B, h, w) and score (B,) out, so every runtime answers what PyTorch answers; each new graph is
