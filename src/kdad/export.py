@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from kdad.data.dataset import input_hw
 from kdad.detector import Detector
 from kdad.engine.calibrate import normalise
-from kdad.engine.runtime import cache_dir, graph_key, write_onnx
+from kdad.engine.runtime import cache_dir, graph_key, ort_session, write_onnx
 from kdad.errors import KdadError
 from kdad.files import atomic_write
 
@@ -151,13 +150,7 @@ class OnnxRunner:
             raise KdadError(f"{folder}: not a kdad export (needs model.onnx and kdad.json)")
         self.meta = json.loads(meta_path.read_text())
         self.calibration = self.meta["calibration"]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as runtime.py
-        self.session = ort.InferenceSession(
-            str(model_path), opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort_session(model_path, threads)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (B, H, W, 3) -> map (B, h, w), score, raw_score (B,), defect (B,) bool."""

@@ -31,18 +31,21 @@ JET = colormaps["jet"](np.arange(256))[:, :3].astype(np.float32)  # (256, 3): it
 PNG_LEVEL = 1  # zlib level of the PNGs kdad writes: ~4x faster than 6, files ~1.4x larger
 
 
+def jet(heat: np.ndarray) -> np.ndarray:
+    """``heat`` (H, W) in [0, 1] jet-coloured (H, W, 3) in [0, 1]: the colours matplotlib gives
+    (a value's bin among its 256), looked up in a table."""
+    return JET[np.minimum((np.clip(heat, 0, 1) * 256).astype(np.int32), 255)]
+
+
 def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Jet-coloured ``heat`` (H, W) in [0, 1] blended over the image (H, W, 3) in [0, 1]: the
-    colours matplotlib gives (a value's bin among its 256), looked up in a table."""
-    index = np.minimum((np.clip(heat, 0, 1) * 256).astype(np.int32), 255)  # matplotlib's bins
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * JET[index]  # (H, W, 3)
+    """Jet-coloured ``heat`` (H, W) in [0, 1] blended over the image (H, W, 3) in [0, 1]."""
+    blend = (1 - alpha) * image.astype(np.float32) + alpha * jet(heat)  # (H, W, 3)
     return Image.fromarray((blend * 255).round().astype(np.uint8))
 
 
 def heat_png(heat: np.ndarray) -> Image.Image:
     """Jet-coloured ``heat`` (h, w) in [0, 1] alone, as an RGB image."""
-    index = np.minimum((np.clip(heat, 0, 1) * 256).astype(np.int32), 255)
-    return Image.fromarray((JET[index] * 255).round().astype(np.uint8))
+    return Image.fromarray((jet(heat) * 255).round().astype(np.uint8))
 
 
 def region_outlines(heat: np.ndarray, height: int, width: int) -> list[list[list[float]]]:

@@ -21,7 +21,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,15 +81,21 @@ def as_scorer(model: KDModel | Scorer) -> Scorer:
     return EagerScorer(model) if isinstance(model, nn.Module) else model
 
 
-def _onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+def ort_session(path: Path, threads: int | None) -> Any:
+    """An onnxruntime CPU session of the graph at ``path`` on ``threads`` threads (None: every
+    core), its idle threads sleeping rather than spinning: between calls this process decodes,
+    resizes and writes on the same cores (docs/benchmarks.md: 16.5 -> 35.8 images/s)."""
     import onnxruntime as ort  # here: `import kdad` stays fast
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    # Idle threads sleep rather than spin: between batches this process decodes, resizes and
-    # writes on the same cores (spinning made that 10x slower, docs/benchmarks.md)
+    if threads:
+        opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    session = ort_session(path, threads)
     return lambda x: session.run(None, {"x": x})
 
 
@@ -198,7 +203,7 @@ def check_graph(model: KDModel, graph: Scorer, x: Tensor) -> None:
             raise KdadError(f"the {type(model).__name__} graph does not reproduce PyTorch's {name}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def _quiet_export() -> Any:
     """The exporter's warnings and log lines (optional operators it skips) silenced."""
     log = logging.getLogger("torch.onnx")
