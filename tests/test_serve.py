@@ -24,7 +24,8 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import kdad
-from kdad.export import export_onnx
+from kdad.engine.runtime import KEEP_DAYS
+from kdad.export import cached_export, export_onnx
 from kdad.serve import create_app
 
 
@@ -104,6 +105,27 @@ def test_a_checkpoint_is_served_by_its_export_in_the_graph_cache(trained) -> Non
             ref.post("/predict", files=upload).json(),
         )
         assert a["decision"] == b["decision"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_cached_exports_are_reused_and_the_unused_ones_go(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDAD_CACHE", str(tmp_path))
+    run = trained[1].parent / "run"
+    exports = tmp_path / "exports"
+    for name, days in (("stale", KEEP_DAYS + 1), ("recent", KEEP_DAYS - 1)):
+        (exports / name).mkdir(parents=True)
+        (exports / name / "model.onnx").write_bytes(b"")
+        past = time.time() - days * 86400
+        os.utime(exports / name, (past, past))
+    folder = cached_export(run)
+    assert folder.parent == exports and (folder / "model.onnx").is_file()
+    assert not (exports / "stale").exists() and (exports / "recent").exists()
+    past, inode = time.time() - 86400, (folder / "model.onnx").stat().st_ino
+    os.utime(folder, (past, past))
+    assert cached_export(run) == folder
+    assert (folder / "model.onnx").stat().st_ino == inode  # not written again
+    assert folder.stat().st_mtime > past + 3600  # but marked used
 
 
 def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(trained: tuple[Path, Path]) -> None:

@@ -11,6 +11,7 @@ Beside it, kdad.json keeps the run's config and calibration.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from kdad.data.dataset import input_hw
 from kdad.detector import Detector
 from kdad.engine.calibrate import normalise
-from kdad.engine.runtime import cache_dir, graph_key, ort_session, write_onnx
+from kdad.engine.runtime import cache_dir, graph_key, ort_session, prune, write_onnx
 from kdad.errors import KdadError
 from kdad.files import atomic_write
 
@@ -63,7 +64,11 @@ class Deployable(nn.Module):
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Path:
     """Write ``out``/model.onnx and ``out``/kdad.json from a calibrated checkpoint, then check
     that onnxruntime reproduces PyTorch on a test image (maps to 1e-4, same decision)."""
-    det = Detector.load(checkpoint, "cpu")
+    return export_detector(Detector.load(checkpoint, "cpu"), out, opset)
+
+
+def export_detector(det: Detector, out: str | Path, opset: int = 18) -> Path:
+    """export_onnx of a detector loaded on the CPU."""
     wrapped = deployable(det)
     size = det.cfg.data.image_size
     h, w = input_hw(size)
@@ -165,8 +170,11 @@ def cached_export(checkpoint: str | Path) -> Path:
     det = Detector.load(checkpoint, "cpu")
     hw = input_hw(det.cfg.data.image_size)
     folder = cache_dir() / "exports" / graph_key(det.model, hw, ("deployable", det.calibration))
-    if not ((folder / "model.onnx").is_file() and (folder / "kdad.json").is_file()):
-        export_onnx(checkpoint, folder)
+    if (folder / "model.onnx").is_file() and (folder / "kdad.json").is_file():
+        os.utime(folder)  # used now
+        return folder
+    export_detector(det, folder)
+    prune(folder.parent)
     return folder
 
 

@@ -8,7 +8,8 @@ checked against PyTorch on random input before use (maps and scores within 1e-4 
 Writing a graph takes seconds, so it is kept in a cache folder (``KDAD_CACHE``, else
 ``~/.cache/kdad``), named by a hash of the weights, the config, the code and the library
 versions that made it: the next load of the same model reuses it, any change writes a new one.
-Each use marks a graph as used; graphs unused for ``KEEP_DAYS`` go when a new one is written.
+Each use marks a graph as used; graphs unused for ``KEEP_DAYS`` go when a new one is written,
+and so do the exports `kdad serve` keeps there (export.cached_export).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -184,12 +186,17 @@ def cached_graph(model: KDModel, hw: tuple[int, int]) -> Path:
 
 
 def prune(folder: Path, days: float = KEEP_DAYS) -> None:
-    """Remove the graphs in ``folder`` unused for ``days`` (their modification time is their
-    last use); one that another process removes first is left to it."""
+    """Remove the graphs (``*.onnx``) and exports (folders) in ``folder`` unused for ``days``
+    (their modification time is their last use); one that another process removes first is
+    left to it."""
     cutoff = time.time() - days * 86400
-    for old in folder.glob("*.onnx"):
+    for old in folder.iterdir():
         with contextlib.suppress(FileNotFoundError):
-            if old.stat().st_mtime < cutoff:
+            if old.stat().st_mtime >= cutoff:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.suffix == ".onnx":
                 old.unlink()
 
 
