@@ -55,8 +55,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 # every model finds all 6 at the top of the normalised scale under every CPU setting tried.
 # DeST-DDPM trains its head in its second half and needs about 100 head steps.
 EPOCHS = {"dest_ddpm": 80}
-# DeST-DDPM's default paints a DDPM bank first (tests/test_ddpm.py); here its Perlin defects.
-OPTIONS = {"dest_ddpm": ["--option", "defects=perlin"]}
 
 
 FAST = ("rd", "stu_seg")  # the others' end-to-end runs are the slow tier's
@@ -91,7 +89,6 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         "--precision",
         "fp32",
         "--no-progress",
-        *OPTIONS.get(model, []),
     )
     assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
 

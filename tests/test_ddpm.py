@@ -348,13 +348,19 @@ def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dest_ddpm_paints_its_own_bank_by_default_and_reuses_it(tmp_path: Path, capfd) -> None:
+def test_dest_ddpm_paints_its_own_bank_when_asked_and_reuses_it(tmp_path: Path, capfd) -> None:
     import kdad as api
 
     data = make_mvtec(tmp_path / "data", n_train=12)
-    run = tmp_path / "run"
-    tiny = {"ddpm_steps": 3, "ddpm_count": 4}
     settings = dict(model="dest_ddpm", batch_size=4, image_size=32, progress=True)
+    plain = tmp_path / "plain"  # the default: Perlin defects, no DDPM
+    with pytest.warns(KdadWarning, match="head gets"):
+        api.train(data=data, epochs=1, out=plain, **settings)
+    assert "DDPM" not in capfd.readouterr().err
+    assert not (plain / "ddpm").exists() and not (plain / "defects").exists()
+
+    run = tmp_path / "run"
+    tiny = {"defects": "ddpm", "ddpm_steps": 3, "ddpm_count": 4}
     with pytest.warns(KdadWarning, match="head gets"):
         api.train(data=data, options=tiny, epochs=1, out=run, **settings)
     err = capfd.readouterr().err
@@ -374,7 +380,7 @@ def test_dest_ddpm_paints_its_own_bank_by_default_and_reuses_it(tmp_path: Path, 
     assert [p.stat().st_mtime_ns for p in made] == stamps
 
     later = tmp_path / "later"  # a later run naming the bank reuses it too
-    bank = {"ddpm_samples": str(run / "defects")}
+    bank = {"defects": "ddpm", "ddpm_samples": str(run / "defects")}
     with pytest.warns(KdadWarning, match="head gets"):
         api.train(data=data, options=bank, epochs=2, out=later, **settings)
     assert "painting" not in capfd.readouterr().err and not (later / "ddpm").exists()
