@@ -23,7 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
 from common import checkpoint_parser, mtd_half, write_result
-from dest_scores import outputs
+from dest_scores import outputs, student_map, z
 
 from kdad.data.layouts import training_samples
 from kdad.detector import Detector
@@ -88,14 +88,9 @@ def main() -> None:
             )
 
     means = [good["cos"][i].mean() for i in model.map_scales]
-    blur = GaussianBlur(4.0)  # the model's smoothing of the student's map
 
     def student(out: dict) -> np.ndarray:
-        cos = sum(out["cos"][i] / mu for i, mu in zip(model.map_scales, means))  # (N, H, W)
-        return blur(torch.from_numpy(np.ascontiguousarray(cos))).numpy()
-
-    def z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        return (x - ref.mean()) / ref.std()
+        return student_map([out["cos"][i] for i in model.map_scales], means)
 
     sz = z(student(o), student(good))
     for sigma in (0, 4, 8, 12):

@@ -39,6 +39,18 @@ def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
     return maps.flatten(1).topk(k, dim=1).values.mean(1)
 
 
+def student_map(cos: list[np.ndarray], means: list[float]) -> np.ndarray:
+    """The student's map from per-scale (N, H, W) 1 - cos maps: each over its mean on held-out
+    good images, summed, smoothed over 4 px (the model's rule): (N, H, W)."""
+    summed = sum(m / mu for m, mu in zip(cos, means))
+    return GaussianBlur(4.0)(torch.from_numpy(np.ascontiguousarray(summed))).numpy()
+
+
+def z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``x`` standardised by the mean and std of ``ref``."""
+    return (x - ref.mean()) / ref.std()
+
+
 @torch.no_grad()
 def outputs(det: Detector, samples: list, batch: int = 16) -> dict[str, np.ndarray]:
     """head: (N, H, W) the head's own maps; head_score: (N,) the mean of each head map's top
@@ -75,17 +87,15 @@ def main() -> None:
     _, held = training_samples(det.cfg.data)
     good = outputs(det, held)
     means = [m.mean() for m in good["cos"]]
-    blur = GaussianBlur(4.0)
     deep = 1 if len(means) > 3 else 0  # with four scales, also the map without stride 4
 
-    def student_map(o: dict, first: int = 0) -> np.ndarray:
-        cos = sum(m / mu for m, mu in list(zip(o["cos"], means))[first:])  # (N, H, W)
-        return blur(torch.from_numpy(np.ascontiguousarray(cos))).numpy()
+    def student(o: dict, first: int = 0) -> np.ndarray:
+        return student_map(o["cos"][first:], means[first:])
 
     def peak(amap: np.ndarray) -> np.ndarray:
         return amap.reshape(len(amap), -1).max(1)
 
-    good_maps = {"student": student_map(good), "student, deep": student_map(good, deep)}
+    good_maps = {"student": student(good), "student, deep": student(good, deep)}
     good_head = good["head_score"]
     layout = detect_layout(Path(det.cfg.data.path))
     if layout == "mtd":
@@ -95,10 +105,7 @@ def main() -> None:
     o = outputs(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
-    maps = {"student": student_map(o), "student, deep": student_map(o, deep)}
-
-    def z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        return (x - ref.mean()) / ref.std()
+    maps = {"student": student(o), "student, deep": student(o, deep)}
 
     rows = {
         "the model's score and map": (o["model_score"], o["model_map"]),
