@@ -13,35 +13,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
-from common import mtd_half, write_result
-from dest_scores import outputs, z
+from common import write_result
+from dest_scores import outputs, rescored_samples, student_map, z
 
-from kdad.data.layouts import detect_layout, find_samples, training_samples
+from kdad.data.layouts import training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
-from kdad.models.layers import GaussianBlur
 
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
 
 
+@dataclass(frozen=True)
 class Rule:
     """A map rule: the student's map from ``scales`` (teacher scale index: weight, each scale
     over its mean on the good images), smoothed by ``sigma`` px; the head's weighted ``head``."""
 
-    def __init__(self, scales: dict[int, float], sigma: float = 4.0, head: float = 1.0) -> None:
-        self.scales, self.sigma, self.head = scales, sigma, head
+    scales: dict[int, float]
+    sigma: float = 4.0
+    head: float = 1.0
 
     def student(self, cos: list[np.ndarray], means: list[float]) -> np.ndarray:
         """Per-scale (N, H, W) 1 - cos maps -> the student's map (N, H, W)."""
-        summed = sum(w * cos[i] / means[i] for i, w in self.scales.items())
-        return GaussianBlur(self.sigma)(torch.from_numpy(np.ascontiguousarray(summed))).numpy()
+        weighted = [w * cos[i] for i, w in self.scales.items()]
+        return student_map(weighted, [means[i] for i in self.scales], self.sigma)
 
     def map(self, o: dict, good: dict, means: list[float]) -> np.ndarray:
         """The model's map under this rule for the outputs ``o``, standardised on ``good``."""
@@ -75,11 +76,7 @@ def main() -> None:
             raise SystemExit(f"{ckpt}: the rules name four teacher scales, it has another number")
         _, held = training_samples(det.cfg.data)
         good = outputs(det, held)
-        layout = detect_layout(Path(det.cfg.data.path))
-        if layout == "mtd":
-            test = mtd_half(det.cfg.data.path, args.half)
-        else:
-            test = find_samples(det.cfg.data.path, "test", layout)
+        test = rescored_samples(det, args.half)
         o = outputs(det, test)
         labels = np.array([s.label for s in test])
         means = [m.mean() for m in good["cos"]]

@@ -39,11 +39,20 @@ def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
     return maps.flatten(1).topk(k, dim=1).values.mean(1)
 
 
-def student_map(cos: list[np.ndarray], means: list[float]) -> np.ndarray:
+def student_map(cos: list[np.ndarray], means: list[float], sigma: float = 4.0) -> np.ndarray:
     """The student's map from per-scale (N, H, W) 1 - cos maps: each over its mean on held-out
-    good images, summed, smoothed over 4 px (the model's rule): (N, H, W)."""
+    good images, summed, smoothed over ``sigma`` px (the model's rule: 4): (N, H, W)."""
     summed = sum(m / mu for m, mu in zip(cos, means))
-    return GaussianBlur(4.0)(torch.from_numpy(np.ascontiguousarray(summed))).numpy()
+    return GaussianBlur(sigma)(torch.from_numpy(np.ascontiguousarray(summed))).numpy()
+
+
+def rescored_samples(det: Detector, half: str = "dev") -> list:
+    """The samples a checkpoint is rescored on: one half of Magnetic Tile, else (no dev half to
+    keep apart) the dataset's whole test set."""
+    layout = detect_layout(Path(det.cfg.data.path))
+    if layout == "mtd":
+        return mtd_half(det.cfg.data.path, half)
+    return find_samples(det.cfg.data.path, "test", layout)
 
 
 def z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -97,11 +106,7 @@ def main() -> None:
 
     good_maps = {"student": student(good), "student, deep": student(good, deep)}
     good_head = good["head_score"]
-    layout = detect_layout(Path(det.cfg.data.path))
-    if layout == "mtd":
-        test = mtd_half(det.cfg.data.path)
-    else:  # another dataset: its whole test set (no dev half to keep apart)
-        test = find_samples(det.cfg.data.path, "test", layout)
+    test = rescored_samples(det)
     o = outputs(det, test)
     labels = np.array([s.label for s in test])
     defect = np.array([s.defect for s in test])
@@ -139,7 +144,7 @@ def main() -> None:
             f"{k} {100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
         ]
         print(f"{name:40s} " + " ".join(cells + [f"{c} {100 * v:.0f}" for c, v in per.items()]))
-    half = "dev" if layout == "mtd" else "all"
+    half = "dev" if detect_layout(Path(det.cfg.data.path)) == "mtd" else "all"
     settings = {"checkpoint": str(args.checkpoint), "half": half, "held_out_good": len(held)}
     write_result(args.out, {"benchmark": "dest_scores", "settings": settings, "rows": result})
 
