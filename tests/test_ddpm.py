@@ -274,6 +274,37 @@ def test_bank_share_mixes_painted_and_perlin_defects(tmp_path: Path) -> None:
         model_from_config(cfg.model, pretrained=False)
 
 
+def test_perlin_training_defects_come_in_many_sizes(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 64, "dest_ddpm"
+    fit, _ = training_samples(cfg.data)
+    ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
+    assert ds.thresholds == (0.5, 0.5)  # the default: DRAEM's
+    cfg.model.options = {"mask_thresholds": [0.1, 0.6]}
+    ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
+    assert ds.thresholds == (0.1, 0.6)  # what the option trains on
+
+    def areas(thresholds: tuple[float, float]) -> np.ndarray:
+        ds = SyntheticTrainSet(
+            fit, 64, (0, 0, 0), (1, 1, 1), defect_prob=1.0, thresholds=thresholds
+        )
+        out = []
+        for epoch in range(4):
+            ds.set_epoch(epoch)
+            out += [ds[i]["mask"].mean().item() for i in range(len(ds))]
+        return np.array(out)
+
+    wide, draem = areas(ds.thresholds), areas((0.5, 0.5))
+    assert len(wide) >= 40 and (wide > 0).all() and (draem > 0).all()
+    assert draem.mean() < 0.07 < 0.09 < wide.mean()  # DRAEM's 3-8% against up to 37%
+    assert wide.max() > 0.25
+    for bad in ([0.6, 0.1], [0.1, 0.9], 0.3, ["a", "b"]):
+        cfg.model.options = {"mask_thresholds": bad}
+        with pytest.raises(KdadError, match=r"mask_thresholds must be \[lo, hi\]"):
+            model_from_config(cfg.model, pretrained=False)
+
+
 @pytest.mark.slow
 def test_dest_ddpm_trains_on_painted_defects(tmp_path: Path) -> None:
     data = make_mvtec(tmp_path / "data", n_train=12)

@@ -23,6 +23,8 @@ from kdad.synth.datasets import SyntheticTrainSet
 # Segmentation-head steps below which training warns: on battery-weld the head had learnt
 # nothing after 40 steps and found the validation defects after 60 (DeSTSeg trains it 4000).
 MIN_HEAD_STEPS = 100
+# Perlin noise passes 0.8 on a few pixels only: above it a mask is tiny or takes long to draw
+MAX_THRESHOLD = 0.8
 
 
 @dataclass
@@ -35,19 +37,30 @@ class HeadOptions:
     ddpm_count: int = 200  # defects painted into the bank
     defect_prob: float = 0.5  # share of training images given a defect
     bank_share: float = 1.0  # with defects ddpm: share of defects from the bank; the rest Perlin
+    # Perlin masks' noise threshold, drawn in [lo, hi] per defect: 0.5 (DRAEM's) covers 3-8% of
+    # the image, 0.1 about 37%
+    mask_thresholds: tuple[float, float] = (0.5, 0.5)
     student_share: float = 0.2  # share of epochs training the student (DeSTSeg's); then the head
     top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
     head_width: int = 64  # DeSTSeg's 256 costs 10-13x as much a step on a CPU (docs/models.md)
 
 
 def check_defects(opt: HeadOptions) -> None:
-    """A clear error for a bad defect source."""
+    """A clear error for a bad defect source or setting."""
     if opt.defects not in ("perlin", "ddpm"):
         raise KdadError(f"defects must be 'perlin' or 'ddpm', got {opt.defects!r}")
     if opt.ddpm_steps < 1 or opt.ddpm_count < 1:
         raise KdadError("ddpm_steps and ddpm_count must be at least 1")
     if not 0 <= opt.bank_share <= 1:
         raise KdadError(f"bank_share must be in [0, 1], got {opt.bank_share}")
+    t = opt.mask_thresholds
+    t = list(t) if isinstance(t, (list, tuple)) else [t]
+    numbers = len(t) == 2 and all(isinstance(x, (int, float)) for x in t)
+    if not numbers or not 0 <= t[0] <= t[1] <= MAX_THRESHOLD:
+        raise KdadError(
+            f"mask_thresholds must be [lo, hi] with 0 <= lo <= hi <= {MAX_THRESHOLD}, "
+            f"got {opt.mask_thresholds!r}"
+        )
 
 
 def head_score_rule(opt: HeadOptions) -> str:
@@ -79,7 +92,8 @@ def defect_set(
             size, dev = images.size, str(device)
             source = paint_bank(images.samples, size, folder, steps, count, seed, dev, progress)
         bank = read_bank(source, images.samples)
-    return SyntheticTrainSet.around(images, opt.defect_prob, bank, opt.bank_share)
+    thresholds = tuple(opt.mask_thresholds)
+    return SyntheticTrainSet.around(images, opt.defect_prob, bank, opt.bank_share, thresholds)
 
 
 class Logits(NamedTuple):

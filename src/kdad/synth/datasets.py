@@ -62,7 +62,9 @@ class SyntheticTrainSet(TrainSet):
     image with a defect (probability ``defect_prob``) or as it is, its clean version and the
     defect's mask, all in one random view of ``augment``. Defects are Perlin ones drawn afresh
     each epoch, or, given ``bank`` (triples of defective image, mask and clean source from `kdad
-    synth sample`), drawn from the bank with probability ``bank_share``, else Perlin ones.
+    synth sample`), drawn from the bank with probability ``bank_share``, else Perlin ones. A
+    Perlin mask's threshold is drawn in ``thresholds`` (lo, hi): 0.5 alone gives DRAEM's
+    defects, 3-8% of the image; down to 0.1, up to 37%, as wide as real defects come.
     Everything is fixed by (seed, epoch, index): resuming replays the same defects. Items also
     carry ``clean_index``, the training image that is their clean version (a bank defect's
     source), by which the teacher's features of it can be looked up."""
@@ -79,9 +81,11 @@ class SyntheticTrainSet(TrainSet):
         bank: list[tuple[Path, Path, Path]] | None = None,
         bank_share: float = 1.0,
         cache_bytes: float = 0.0,
+        thresholds: tuple[float, float] = (0.5, 0.5),
     ) -> None:
         super().__init__(samples, image_size, mean, std, seed, augment, cache_bytes)
         self.defect_prob, self.bank, self.bank_share = defect_prob, bank, bank_share
+        self.thresholds = thresholds
         index = {s.path.resolve(): i for i, s in enumerate(samples)}
         self.sources = [index[source.resolve()] for *_, source in bank or []]  # bank's clean
 
@@ -92,6 +96,7 @@ class SyntheticTrainSet(TrainSet):
         defect_prob: float,
         bank: list[tuple[Path, Path, Path]] | None,
         bank_share: float = 1.0,
+        thresholds: tuple[float, float] = (0.5, 0.5),
     ) -> SyntheticTrainSet:
         """The training images ``images``, now carrying synthetic defects."""
         norm = (tuple(images.mean.flatten().tolist()), tuple(images.std.flatten().tolist()))
@@ -106,6 +111,7 @@ class SyntheticTrainSet(TrainSet):
             bank,
             bank_share,
             images.cache_bytes,
+            thresholds,
         )
 
     def teacher_inputs(self) -> tuple[TrainSet, str] | None:
@@ -129,7 +135,9 @@ class SyntheticTrainSet(TrainSet):
                 x, clean = self.load(image), self.image(j)
                 mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
             else:
-                img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng)
+                lo, hi = self.thresholds
+                threshold = rng.uniform(lo, hi) if hi > lo else lo
+                img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng, threshold=threshold)
                 x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m)
         view = self.view(i)
         x, clean, mask = (views.apply(t, view) for t in (x, clean, mask.float()))

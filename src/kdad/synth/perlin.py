@@ -76,15 +76,16 @@ def self_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthesize(
-    image: np.ndarray, rng: np.random.Generator, beta_max: float = 0.8
+    image: np.ndarray, rng: np.random.Generator, beta_max: float = 0.8, threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic defect on an (H, W, 3) float image: returns (image, mask (H, W) bool).
 
-    Inside the mask the image is blended with a texture, ``(1 - b) texture + b image`` with
+    The mask is Perlin noise above ``threshold`` (0.5, DRAEM's: 3-8% of the image; 0.1: about
+    37%). Inside it the image is blended with a texture, ``(1 - b) texture + b image`` with
     opacity b drawn in [0, beta_max) (DRAEM's rule); outside it is unchanged.
     """
     shape = image.shape[:2]
-    mask = perlin_mask(shape, rng)
+    mask = perlin_mask(shape, rng, threshold)
     tex = perlin_texture(shape, rng) if rng.random() < 0.5 else self_texture(image, rng)
     if np.ptp(image, axis=2).max() < 1e-6:  # a gray part gets a gray defect
         tex = np.repeat(tex.mean(axis=2, keepdims=True), 3, axis=2)
