@@ -19,12 +19,11 @@ from kdad.models.base import Output, Phase
 from kdad.models.layers import ASPP, conv_bn_relu
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
+from kdad.synth.perlin import MAX_THRESHOLD
 
 # Segmentation-head steps below which training warns: on battery-weld the head had learnt
 # nothing after 40 steps and found the validation defects after 60 (DeSTSeg trains it 4000).
 MIN_HEAD_STEPS = 100
-# Perlin noise passes 0.8 on a few pixels only: above it a mask is tiny or takes long to draw
-MAX_THRESHOLD = 0.8
 
 
 @dataclass

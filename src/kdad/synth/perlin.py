@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+# Perlin noise passes 0.8 on a few pixels only: above it a mask is tiny or takes long to draw
+MAX_THRESHOLD = 0.8
+
 
 def perlin_noise(size: int, res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """2-D gradient (Perlin) noise (size, size) in about [-1, 1], with ``res`` cells per axis."""
