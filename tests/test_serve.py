@@ -24,9 +24,10 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import kdad
+from kdad.data.io import read_image
 from kdad.engine.runtime import KEEP_DAYS
 from kdad.export import cached_export, export_onnx
-from kdad.serve import create_app
+from kdad.serve import create_app, decode_upload
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,49 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(trained: tuple[Path, P
     assert client.post("/predict").status_code == 422  # no file at all
     r = client.post("/predict", files={"file": ("ok.png", good, "image/png")})
     assert r.status_code == 200  # still serving
+
+
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("what", "arr", "fmt"),
+    [
+        ("12-bit data in a 16-bit PNG", np.array([[0, 1000], [2000, 4095]], np.uint16), "PNG"),
+        ("float TIFF", np.array([[0.0, 0.25], [0.5, 2.0]], np.float32), "TIFF"),
+        ("RGBA PNG", np.arange(16, dtype=np.uint8).reshape(2, 2, 4) * 16, "PNG"),
+    ],
+)
+def test_an_upload_decodes_as_the_same_file_read_for_predict(
+    tmp_path: Path, what: str, arr: np.ndarray, fmt: str
+) -> None:
+    data = _encode(arr, fmt)
+    (tmp_path / "f").write_bytes(data)
+    want = (read_image(tmp_path / "f") * 255).round().astype(np.uint8)  # (H, W, 3)
+    got = decode_upload(data, "f", 10_000)
+    assert got.dtype == np.uint8 and got.shape == (2, 2, 3), what
+    assert np.array_equal(got, want), what
+    if arr.dtype == np.uint16:  # by the type's range, not stretched to the image's own maximum
+        assert got.max() == round(4095 / 65535 * 255)
+
+
+def test_a_12_bit_part_scores_as_its_8_bit_equal(trained: tuple[Path, Path]) -> None:
+    """A camera's 12 bits in a 16-bit file are dark by 16-bit's range: the service scores
+    them as the 8-bit image of the same levels (as training and `kdad predict` read them)."""
+    data, export = trained
+    client = TestClient(create_app(export))
+    bad = sorted((data / "test" / "scratch").glob("*.png"))[0]
+    gray = np.asarray(Image.open(bad).convert("L"), np.float64)  # (H, W) 0-255
+    deep = np.round(gray / 255 * 4095).astype(np.uint16)  # 12-bit levels
+    flat = np.round(deep / 65535 * 255).astype(np.uint8)  # the same levels in 8 bits
+    a, b = (
+        client.post("/predict", files={"file": (n, _encode(x, "PNG"), "image/png")}).json()
+        for n, x in (("deep.png", deep), ("flat.png", flat))
+    )
+    assert a["raw_score"] == b["raw_score"] and a["decision"] == b["decision"]
 
 
 def _free_port() -> int:

@@ -31,8 +31,10 @@ from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
 from kdad.config import ServeConfig
+from kdad.data.io import pixels, to_rgb
 from kdad.engine.calibrate import unclipped
 from kdad.engine.pool import cores_per
+from kdad.errors import KdadError
 from kdad.export import load_runner
 from kdad.outputs import (
     PNG_LEVEL,
@@ -61,7 +63,9 @@ def _png64(img: Image.Image) -> str:
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Upload bytes -> uint8 RGB (H, W, 3), or an HTTPException saying what is wrong."""
+    """Upload bytes -> uint8 RGB (H, W, 3), or an HTTPException saying what is wrong. Pixels
+    convert as a file's do for training and `kdad predict` (``data.io.to_rgb``: 16-bit over
+    65535), then to the exported graph's 8 bits."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -71,6 +75,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
                     413, f"{name}: {img.width}x{img.height} is over the {max_pixels} pixel limit"
                 )
             img.load()
+            arr = pixels(img)
         except HTTPException:
             raise
         except UnidentifiedImageError as e:
@@ -79,10 +84,11 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             raise HTTPException(413, f"{name}: image too large ({e})") from e
         except (OSError, SyntaxError, ValueError) as e:
             raise HTTPException(400, f"{name}: truncated or corrupt image ({e})") from e
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, np.float64)
-        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-    return np.asarray(img.convert("RGB"))
+    try:
+        rgb = to_rgb(arr, name)  # (H, W, 3) float32 in [0, 1]
+    except KdadError as e:
+        raise HTTPException(400, str(e)) from e
+    return (rgb * 255).round().astype(np.uint8)
 
 
 def create_app(

@@ -24,11 +24,7 @@ def _open(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "P":
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            elif img.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-                img = img.convert("L" if img.mode == "1" else "RGB")
-            arr = np.asarray(img)
+            arr = pixels(img)
     except FileNotFoundError as e:
         raise KdadError(f"{path}: file not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -36,6 +32,15 @@ def _open(path: Path) -> np.ndarray:
     if arr.size == 0:
         raise KdadError(f"{path}: image is empty")
     return arr
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    """A decoded image's pixels in its own type: palettes expanded, exotic modes to RGB or L."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("L" if img.mode == "1" else "RGB")
+    return np.asarray(img)
 
 
 def _to_unit(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -54,7 +59,14 @@ def _to_unit(arr: np.ndarray, path: Path) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """An RGB image as float32 (H, W, 3) in [0, 1]; gray is repeated, alpha dropped."""
     path = Path(path)
-    arr = _to_unit(_open(path), path)
+    return to_rgb(_open(path), path)
+
+
+def to_rgb(arr: np.ndarray, name: str | Path) -> np.ndarray:
+    """Pixels of any type and channel count kdad reads (``pixels``) -> float32 (H, W, 3) in
+    [0, 1] by their type's range: 16-bit data over 65535, whatever its largest value, so an
+    image scores the same however it reaches kdad. Errors name ``name``."""
+    arr = _to_unit(arr, Path(name))
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.ndim == 3 and arr.shape[2] in (2, 4):  # LA or RGBA: drop alpha
@@ -62,7 +74,7 @@ def read_image(path: str | Path) -> np.ndarray:
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise KdadError(f"{path}: unsupported image shape {arr.shape}")
+        raise KdadError(f"{name}: unsupported image shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
