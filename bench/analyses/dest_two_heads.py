@@ -1,0 +1,143 @@
+"""Two segmentation heads on one DeST-DDPM student: one taught DRAEM's Perlin masks (3-8% of
+the image), one wider masks, their maps combined. Wide masks lift Magnetic Tile's wide Uneven
+bands and cost battery-weld's small defects (docs/benchmarks.md, "Perlin defects of many
+sizes"); the student's own map does not change with the masks, the head carries both.
+
+``train``: from a finished run (its ``checkpoint.pt``), a new run folder that resumes it at
+the head phase's first epoch with a freshly initialised head and other ``mask_thresholds``:
+the engine trains, validates and calibrates the new head on the same frozen student.
+
+    python bench/analyses/dest_two_heads.py train runs/area/mtd_dest_area_mid-s0 \
+        --mask-thresholds 0.5 0.5 --out runs/two_heads/mtd_draem-s0
+
+``score``: the pixel metrics of maps made of both runs' heads (their students must be one),
+each head's map and the student's standardised over the held-out good images' pixels (the
+model's rule): each head with the student, the max of the heads with it, their mean with it.
+Magnetic Tile: one half (``--half``); another dataset: its whole test set.
+
+    python bench/analyses/dest_two_heads.py score runs/two_heads/mtd_draem-s0/best.pt \
+        runs/area/mtd_dest_area_mid-s0/best.pt \
+        --out bench/results/dest_default/two_heads/mtd_s0_dev.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
+sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
+from common import write_result
+from dest_scores import outputs, rescored_samples, student_map, z
+
+from kdad.config import RunConfig
+from kdad.data.layouts import training_samples
+from kdad.detector import Detector
+from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdad.engine.fit import fit
+from kdad.metrics import compute_metrics
+from kdad.models import model_from_config
+
+KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
+
+
+def train(run: Path, thresholds: list[float], out: Path) -> None:
+    """Resume ``run``'s last checkpoint into ``out`` at the head phase's start, the head
+    re-initialised (as a new run of the same seed builds it) and taught ``thresholds``."""
+    state = load_checkpoint(run / "checkpoint.pt")
+    cfg = RunConfig.from_dict(state["config"], str(run))
+    epochs = cfg.train.epochs
+    if state["epoch"] != epochs:
+        raise SystemExit(f"{run}: not finished ({state['epoch']} of {epochs} epochs)")
+    cfg.model.options = {**cfg.model.options, "mask_thresholds": list(thresholds)}
+    torch.manual_seed(cfg.train.seed)
+    fresh = model_from_config(cfg.model, pretrained=False)
+    start = next(p.start for p in fresh.phases(epochs) if p.name == "head")
+    weights = dict(state["model"])
+    weights.update({k: v for k, v in fresh.state_dict().items() if k.startswith("head.")})
+    optimiser = torch.optim.Adam(fresh.param_groups(), lr=cfg.train.lr, betas=cfg.train.betas)
+    out.mkdir(parents=True, exist_ok=False)
+    save_checkpoint(
+        out / "checkpoint.pt",
+        {
+            "config": cfg.to_dict(),
+            "model": weights,
+            "epoch": start,
+            "calibration": None,
+            "holdout": state["holdout"],
+            "history": list(state["history"])[:start],
+            "best": None,
+            "optimizer": optimiser.state_dict(),
+        },
+    )
+    cfg.out = str(out)
+    fit(cfg, resume=True)
+
+
+def score(a: Path, b: Path, half: str, out: str) -> None:
+    """Pixel metrics of the maps made of ``a``'s and ``b``'s heads on their shared student."""
+    da, db = Detector.load(a), Detector.load(b)
+    sa, sb = (
+        {k: v for k, v in d.model.state_dict().items() if not k.startswith("head.")}
+        for d in (da, db)
+    )
+    same = sa.keys() == sb.keys() and all(
+        torch.equal(sa[k], sb[k]) for k in sa if "normal" not in k and k != "scale_weights"
+    )
+    if not same:
+        raise SystemExit(f"{a} and {b}: their teachers and students differ")
+    _, held = training_samples(da.cfg.data)
+    test = rescored_samples(da, half)
+    labels = np.array([s.label for s in test])
+    good = {"a": outputs(da, held), "b": outputs(db, held)}
+    o = {"a": outputs(da, test), "b": outputs(db, test)}
+    means = [m.mean() for m in good["a"]["cos"]]
+    scales = slice(len(means) - 3, None)  # the model's strides 8-32
+    s = z(
+        student_map(o["a"]["cos"][scales], means[scales]),
+        student_map(good["a"]["cos"][scales], means[scales]),
+    )
+    ha, hb = (z(o[k]["head"], good[k]["head"]) for k in ("a", "b"))
+    maps = {
+        "head a + student": ha + s,
+        "head b + student": hb + s,
+        "max(heads) + student": np.maximum(ha, hb) + s,
+        "mean(heads) + student": (ha + hb) / 2 + s,
+        "head a alone": ha,
+        "head b alone": hb,
+        "student alone": s,
+    }
+    result = {}
+    for name, m in maps.items():
+        met = compute_metrics(o["a"]["model_score"], labels, m, o["a"]["masks"])
+        result[name] = {k: met[k] for k in KEYS}
+        print(f"{name:24s} " + " ".join(f"{k} {100 * met[k]:.1f}" for k in KEYS), flush=True)
+    settings = {"a": str(a), "b": str(b), "half": half}
+    write_result(out, {"benchmark": "dest_two_heads", "settings": settings, "maps": result})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("run", type=Path)
+    t.add_argument("--mask-thresholds", type=float, nargs=2, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    s = sub.add_parser("score")
+    s.add_argument("a", type=Path)
+    s.add_argument("b", type=Path)
+    s.add_argument("--half", choices=("dev", "final"), default="dev")
+    s.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.command == "train":
+        train(args.run, args.mask_thresholds, args.out)
+    else:
+        score(args.a, args.b, args.half, args.out)
+
+
+if __name__ == "__main__":
+    main()
