@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
 from kdad.config import ServeConfig
-from kdad.data.io import pixels, to_rgb
+from kdad.data.io import pixels, to_rgb8
 from kdad.engine.calibrate import unclipped
 from kdad.engine.pool import cores_per
 from kdad.errors import KdadError
@@ -65,7 +65,7 @@ def _png64(img: Image.Image) -> str:
 def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Upload bytes -> uint8 RGB (H, W, 3), or an HTTPException saying what is wrong. Pixels
     convert as a file's do for training and `kdad predict` (``data.io.to_rgb``: 16-bit over
-    65535), then to the exported graph's 8 bits."""
+    65535), in the exported graph's 8 bits (``data.io.to_rgb8``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -85,10 +85,9 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as e:
             raise HTTPException(400, f"{name}: truncated or corrupt image ({e})") from e
     try:
-        rgb = to_rgb(arr, name)  # (H, W, 3) float32 in [0, 1]
+        return to_rgb8(arr, name)  # (H, W, 3) uint8
     except KdadError as e:
         raise HTTPException(400, str(e)) from e
-    return (rgb * 255).round().astype(np.uint8)
 
 
 def create_app(

@@ -66,7 +66,20 @@ def to_rgb(arr: np.ndarray, name: str | Path) -> np.ndarray:
     """Pixels of any type and channel count kdad reads (``pixels``) -> float32 (H, W, 3) in
     [0, 1] by their type's range: 16-bit data over 65535, whatever its largest value, so an
     image scores the same however it reaches kdad. Errors name ``name``."""
-    arr = _to_unit(arr, Path(name))
+    return _rgb(_to_unit(arr, Path(name)), name)
+
+
+def to_rgb8(arr: np.ndarray, name: str | Path) -> np.ndarray:
+    """``to_rgb``'s levels in 8 bits, uint8 (H, W, 3): 8-bit pixels as they are (no float
+    round trip on the serving path), any other type through ``to_rgb``."""
+    if arr.dtype == np.uint8:
+        return _rgb(arr, name)
+    return (to_rgb(arr, name) * 255).round().astype(np.uint8)
+
+
+def _rgb(arr: np.ndarray, name: str | Path) -> np.ndarray:
+    """(H, W), (H, W, 1-4) -> (H, W, 3): gray repeated, alpha dropped; any other shape an
+    error naming ``name``."""
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.ndim == 3 and arr.shape[2] in (2, 4):  # LA or RGBA: drop alpha
