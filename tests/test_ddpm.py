@@ -416,3 +416,28 @@ def test_dest_ddpm_paints_its_own_bank_when_asked_and_reuses_it(tmp_path: Path, 
         api.train(data=data, options=bank, epochs=2, out=later, **settings)
     assert "painting" not in capfd.readouterr().err and not (later / "ddpm").exists()
     assert str(run / "defects") in (later / "config.yaml").read_text()
+
+
+def test_a_second_head_gets_half_the_items_with_wide_perlin_defects(tmp_path: Path) -> None:
+    data = make_mvtec(tmp_path / "data", n_train=12)
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 64, "dest_ddpm"
+    fit, _ = training_samples(cfg.data)
+    ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
+    assert ds.wide is None and all(ds[i]["kind"] == 0 for i in range(len(ds)))
+    cfg.model.options = {"wide_head": [0.1, 0.6]}
+    ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
+    assert ds.thresholds == (0.5, 0.5) and ds.wide == (0.1, 0.6)
+    ds = SyntheticTrainSet(fit, 64, (0, 0, 0), (1, 1, 1), defect_prob=1.0, wide=ds.wide)
+    kinds, areas = [], []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        items = [ds[i] for i in range(len(ds))]
+        kinds += [int(item["kind"]) for item in items]
+        areas += [item["mask"].mean().item() for item in items]
+    kinds, areas = np.array(kinds), np.array(areas)
+    assert 0.3 < kinds.mean() < 0.7  # about half each
+    assert areas[kinds == 0].mean() < 0.07 < 0.09 < areas[kinds == 1].mean()  # DRAEM's, wide
+    ds.set_epoch(2)
+    again = [int(ds[i]["kind"]) for i in range(len(ds))]
+    assert again == list(kinds[2 * len(ds) : 3 * len(ds)])  # fixed by (seed, epoch, index)

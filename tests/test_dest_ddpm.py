@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_mvtec
 
 from kdad.engine.schedule import phase_at, phase_warnings
 from kdad.errors import KdadError, KdadWarning
 from kdad.models import build_model
+from kdad.models.seghead import head_loss
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -139,7 +141,6 @@ def test_only_segmentation_phase_epochs_are_validated_and_kept(tmp_path: Path) -
 def test_head_loss_binarises_the_resized_masks_as_destseg() -> None:
     """The masks, resized to the logits, are binarised at 0.5 before both losses: a head sure
     of "good" has no L1 loss on a mask of 0.4 everywhere, and the whole of it on one of 0.6."""
-    from kdad.models.seghead import head_loss
 
     logits = torch.full((1, 1, 2, 2), -30.0)  # sure that every cell is good
     assert head_loss(logits, torch.full((1, 8, 8), 0.4))["l1"].item() == pytest.approx(0, abs=1e-9)
@@ -227,3 +228,62 @@ def test_map_adds_the_students_map_both_standardised_over_good_pixels() -> None:
     assert abs(pixels.mean()) < 1e-3  # good pixels sit about 0 on the summed scale
     with pytest.raises(KdadError, match="map must be 'head' or 'both'"):
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"map": "max"})
+
+
+def test_a_wide_head_learns_its_own_items_and_its_map_joins_the_first_heads() -> None:
+    torch.manual_seed(0)
+    options = {"wide_head": [0.1, 0.6]}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
+    batch = {**_batch(), "kind": torch.tensor([0, 1, 1, 0])}  # a defect of each kind
+    model.phase = "head"
+    model.train()
+    out = model(batch["image"])
+    parts = model.loss(batch, out)
+    assert set(parts) == {"loss", "focal", "l1", "wide_focal", "wide_l1"}
+    first = head_loss(out.logits[[0, 3]], batch["mask"][[0, 3]])["loss"]
+    wide = head_loss(out.wide[[1, 2]], batch["mask"][[1, 2]])["loss"]
+    assert torch.allclose(parts["loss"], first + wide)
+    parts["loss"].backward()
+    assert all(p.grad is not None for p in model.wide_head.parameters())
+    model.zero_grad(set_to_none=True)
+    batch["kind"] = torch.zeros(4, dtype=torch.long)  # none for the wide head
+    parts = model.loss(batch, model(batch["image"]))
+    assert set(parts) == {"loss", "focal", "l1"}
+    parts["loss"].backward()
+    assert all(p.grad is None for p in model.wide_head.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+
+    one = build_model("dest_ddpm", "resnet18", pretrained=False)  # the same, one head
+    one.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("wide")})
+    model.eval()
+    one.eval()
+    good = [torch.rand(4, 3, 64, 64) for _ in range(3)]
+
+    def head_maps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, H, W) each
+        t, s = model.mapped(model.teacher(x)), model.mapped(model.student(x))
+        return tuple(
+            torch.sigmoid(F.interpolate(h.segment(t, s), size=(64, 64), mode="bilinear"))[:, 0]
+            for h in (model.head, model.wide_head)
+        )
+
+    with torch.no_grad():
+        model.fit_normal(iter(good))
+        one.fit_normal(iter(good))
+        got, ref = model(good[0]), one(good[0])
+        first, wide = head_maps(good[0])
+        wides = torch.cat([head_maps(x)[1].flatten() for x in good])
+        pixels = torch.cat([model(x).anomaly_map.flatten() for x in good])
+    assert torch.allclose(model.wide_normal, torch.stack([wides.mean(), wides.std()]))
+    assert torch.equal(model.pixel_normal, one.pixel_normal)
+    assert torch.allclose(got.score, ref.score)  # the image score stays the first head's
+    hm, hs, _, _ = model.pixel_normal
+    wm, ws = model.wide_normal
+    # one head's map is h + s (standardised); two heads' is (h + w) / 2 + s
+    expected = ref.anomaly_map - (first - hm) / hs / 2 + (wide - wm) / ws / 2
+    assert torch.allclose(got.anomaly_map, expected, atol=1e-4)
+    assert not torch.allclose(got.anomaly_map, ref.anomaly_map, atol=1e-2)
+    assert abs(pixels.mean()) < 1e-3  # good pixels sit about 0
+    with pytest.raises(KdadError, match=r"wide_head must be \[lo, hi\]"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"wide_head": [0.6, 0.1]})
+    with pytest.raises(KdadError, match="model stu_seg has no option 'wide_head'"):
+        build_model("stu_seg", "resnet18", pretrained=False, options={"wide_head": [0.1, 0.6]})

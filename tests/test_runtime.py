@@ -19,10 +19,14 @@ from kdad.errors import KdadError
 from kdad.models import MODELS, build_model
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_answers_in_onnxruntime_what_it_answers_in_pytorch(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "options"), [(n, None) for n in MODELS] + [("dest_ddpm", {"wide_head": [0.1, 0.6]})]
+)
+def test_every_model_answers_in_onnxruntime_what_it_answers_in_pytorch(
+    name: str, options: dict | None
+) -> None:
     torch.manual_seed(0)
-    model = build_model(name, "efficientnet_lite0", pretrained=False).eval()
+    model = build_model(name, "efficientnet_lite0", pretrained=False, options=options).eval()
     graph = make_scorer(model, (64, 32), "onnxruntime")
     assert isinstance(graph, GraphScorer) and graph.runtime == "onnxruntime"
     x = torch.randn(3, 3, 64, 32)  # a batch size the graph was not written with

@@ -33,6 +33,10 @@ the abstract is silent; docs/models.md lists where it does not.
   mean on held-out good images, summed, smoothed; its max for the score), the two maps and the
   two scores each standardised by their mean and standard deviation on the held-out good
   training images (the maps over their pixels).
+- Two heads (``wide_head``, not in DeSTSeg): a second head trained in the same phase on wide
+  Perlin masks, each training image going to one head; the map averages the two heads'
+  standardised maps before adding the student's, the image score stays the first head's. Wide
+  masks find the wide regions DRAEM's miss, and alone cost small defects (docs/models.md).
 
 docs/models.md gives the measurements behind each departure from DeSTSeg.
 """
@@ -58,6 +62,7 @@ from kdad.models.seghead import (
     HeadOptions,
     SegHead,
     check_defects,
+    check_thresholds,
     defect_set,
     head_loss,
     head_output,
@@ -88,6 +93,9 @@ class DeSTOptions(HeadOptions):
     # share of epochs training the student: with epochs auto it gets the family's 2400 steps
     student_share: float = 0.56
     bank_share: float = 0.5  # with defects ddpm: half painted, half Perlin (docs/models.md)
+    # a second head, taught on half the images Perlin masks of thresholds in [lo, hi]; the map
+    # averages the two heads' (standardised); None: one head
+    wide_head: tuple[float, float] | None = None
 
 
 class Denoised(NamedTuple):
@@ -95,6 +103,7 @@ class Denoised(NamedTuple):
 
     student: list[Tensor]  # each (B, C_i, h_i, w_i)
     logits: Tensor | None  # (B, 1, h_0, w_0); None in phase one
+    wide: Tensor | None = None  # the second head's logits (B, 1, h_0, w_0), if it has one
 
 
 class DeSTDDPM(KDModel, UNetStudent):
@@ -141,6 +150,13 @@ class DeSTDDPM(KDModel, UNetStudent):
         self.head = SegHead([ch[i] for i in self.map_scales], self.opt.head_width)
         fresh = [] if self.opt.student == "unet" else [self.bottleneck, self.decoder]
         kaiming_init(*fresh, self.head)
+        self.wide_head = None
+        if self.opt.wide_head is not None:
+            check_thresholds("wide_head", self.opt.wide_head)
+            self.wide_head = SegHead([ch[i] for i in self.map_scales], self.opt.head_width)
+            kaiming_init(self.wide_head)
+            # mean and std of the second head's map's pixels on held-out good images
+            self.register_buffer("wide_normal", torch.tensor([0.0, 1.0]))
         for name in ("image_score", "map"):
             if getattr(self.opt, name) not in ("head", "both"):
                 value = getattr(self.opt, name)
@@ -161,7 +177,8 @@ class DeSTDDPM(KDModel, UNetStudent):
         return head_phases(self.opt, epochs)
 
     def train_set(self, images: TrainSet, folder: Path, progress: bool) -> SyntheticTrainSet:
-        return defect_set(self.opt, images, folder, self.head[-1].weight.device, progress)
+        device = self.head[-1].weight.device
+        return defect_set(self.opt, images, folder, device, progress, self.opt.wide_head)
 
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)
@@ -211,14 +228,19 @@ class DeSTDDPM(KDModel, UNetStudent):
         """Whether the score or the map adds the student's own map to the head's."""
         return "both" in (self.opt.image_score, self.opt.map)
 
-    def _scored(self, x: Tensor, t: list[Tensor]) -> tuple[Output, list[Tensor]]:
-        """The head's output for ``x`` and, when the student's map is used, the per-scale
-        1 - cos maps of student and teacher (else none: the head alone needs none)."""
+    def _scored(self, x: Tensor, t: list[Tensor]) -> tuple[Output, Tensor | None, list[Tensor]]:
+        """The head's output for ``x``, the second head's map (B, H, W) if the model has one,
+        and, when the student's map is used, the per-scale 1 - cos maps of student and teacher
+        (else none: the heads alone need none)."""
         t, s = self.mapped(t), self.mapped(self.student(x))
-        out = head_output(self.head.segment(t, s), tuple(x.shape[-2:]), self.opt.top_share)
+        size = tuple(x.shape[-2:])
+        out = head_output(self.head.segment(t, s), size, self.opt.top_share)
+        wide = None
+        if self.wide_head is not None:
+            wide = head_output(self.wide_head.segment(t, s), size, self.opt.top_share).anomaly_map
         if not self.uses_student:
-            return out, []
-        return out, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
+            return out, wide, []
+        return out, wide, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
 
     def mapped(self, feats: list[Tensor]) -> list[Tensor]:
         """The scales of ``map_stages`` among all the teacher's (each (B, C_i, h_i, w_i))."""
@@ -227,13 +249,15 @@ class DeSTDDPM(KDModel, UNetStudent):
     @torch.no_grad()
     def fit_normal(self, images: Iterable[Tensor]) -> None:
         """When the student's map is used: its scale weights, then the mean and standard
-        deviation of both scores, and of both maps' pixels, on the held-out good ``images``."""
+        deviation of both scores, and of the maps' pixels (each head's, the student's), on the
+        held-out good ``images``."""
         if not self.uses_student:
             return
-        outs, maps, sizes = [], [], []
+        outs, wides, maps, sizes = [], [], [], []
         for x in images:
-            out, m = self._scored(x, self.teacher(x))
+            out, wide, m = self._scored(x, self.teacher(x))
             outs.append(out)
+            wides.append(wide)
             maps.append(m)
             sizes.append(tuple(x.shape[-2:]))
         means = torch.stack(
@@ -259,6 +283,9 @@ class DeSTDDPM(KDModel, UNetStudent):
         self.pixel_normal.copy_(
             torch.stack([f(v) for v in pixels for f in (torch.mean, spread)]).clamp_min(1e-6)
         )
+        if self.wide_head is not None:
+            v = torch.cat([w.flatten() for w in wides])
+            self.wide_normal.copy_(torch.stack([v.mean(), spread(v)]).clamp_min(1e-6))
 
     def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Denoised | Output:
         """(B, 3, H, W) -> train: Denoised; eval: Output."""
@@ -268,26 +295,49 @@ class DeSTDDPM(KDModel, UNetStudent):
         if self.training:
             with torch.no_grad():
                 s = self.student(x)
-            return Denoised(s, self.head.segment(self.mapped(t), self.mapped(s)))
-        out, maps = self._scored(x, t)
-        if not self.uses_student:
-            return out
-        student = self.student_map(maps, tuple(x.shape[-2:]))  # (B, H, W)
+            t, s = self.mapped(t), self.mapped(s)
+            wide = None if self.wide_head is None else self.wide_head.segment(t, s)
+            return Denoised(s, self.head.segment(t, s), wide)
+        out, wide, maps = self._scored(x, t)
         score, amap = out.score, out.anomaly_map
+        if not self.uses_student:
+            return out if wide is None else Output((amap + wide) / 2, score)
+        student = self.student_map(maps, tuple(x.shape[-2:]))  # (B, H, W)
         if self.opt.image_score == "both":
             hm, hs, sm, ss = self.normal
             score = (score - hm) / hs + (student.flatten(1).amax(1) - sm) / ss
         if self.opt.map == "both":
             hm, hs, sm, ss = self.pixel_normal
-            amap = (amap - hm) / hs + (student - sm) / ss
+            amap = (amap - hm) / hs
+            if wide is not None:
+                wm, ws = self.wide_normal
+                amap = (amap + (wide - wm) / ws) / 2
+            amap = amap + (student - sm) / ss
+        elif wide is not None:
+            amap = (amap + wide) / 2
         return Output(amap, score)
 
     def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:
         if out.logits is not None:
-            return head_loss(out.logits, batch["mask"])
+            if out.wide is None:
+                return head_loss(out.logits, batch["mask"])
+            return self._two_head_loss(batch, out.logits, out.wide)
         t = self.teach(batch["clean"], batch.get("clean_teacher"))  # the clean image's
         parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, out.student))}
         return {"loss": sum(parts.values()), **parts}
+
+    @staticmethod
+    def _two_head_loss(batch: dict[str, Tensor], logits: Tensor, wide: Tensor) -> dict[str, Tensor]:
+        """Each head's loss on the items of its kind (``kind`` 0: the first head's defects, 1:
+        the wide ones), summed; a head with no item in the batch adds nothing."""
+        total, parts = logits.new_zeros(()), {}
+        for prefix, kind, head in (("", 0, logits), ("wide_", 1, wide)):
+            mine = batch["kind"] == kind  # (B,)
+            if mine.any():
+                loss = head_loss(head[mine], batch["mask"][mine])
+                total = total + loss.pop("loss")
+                parts.update({prefix + k: v for k, v in loss.items()})
+        return {"loss": total, **parts}
 
 
 def _head_only_if_missing(

@@ -52,13 +52,16 @@ def check_defects(opt: HeadOptions) -> None:
         raise KdadError("ddpm_steps and ddpm_count must be at least 1")
     if not 0 <= opt.bank_share <= 1:
         raise KdadError(f"bank_share must be in [0, 1], got {opt.bank_share}")
-    t = opt.mask_thresholds
-    t = list(t) if isinstance(t, (list, tuple)) else [t]
+    check_thresholds("mask_thresholds", opt.mask_thresholds)
+
+
+def check_thresholds(name: str, value: object) -> None:
+    """A clear error unless ``value`` is a range [lo, hi] of Perlin mask thresholds."""
+    t = list(value) if isinstance(value, (list, tuple)) else [value]
     numbers = len(t) == 2 and all(isinstance(x, (int, float)) for x in t)
     if not numbers or not 0 <= t[0] <= t[1] <= MAX_THRESHOLD:
         raise KdadError(
-            f"mask_thresholds must be [lo, hi] with 0 <= lo <= hi <= {MAX_THRESHOLD}, "
-            f"got {opt.mask_thresholds!r}"
+            f"{name} must be [lo, hi] with 0 <= lo <= hi <= {MAX_THRESHOLD}, got {value!r}"
         )
 
 
@@ -76,11 +79,17 @@ def head_phases(opt: HeadOptions, epochs: int) -> list[Phase]:
 
 
 def defect_set(
-    opt: HeadOptions, images: TrainSet, folder: Path, device: torch.device, progress: bool
+    opt: HeadOptions,
+    images: TrainSet,
+    folder: Path,
+    device: torch.device,
+    progress: bool,
+    wide: tuple[float, float] | None = None,
 ) -> SyntheticTrainSet:
     """The good training images with synthetic defects and their masks: Perlin ones, or those
     of a DDPM-painted bank, ``ddpm_samples`` or else one painted from these images into the run
-    ``folder`` (``synth.diffusion.paint_bank``: made once, reused on resume)."""
+    ``folder`` (``synth.diffusion.paint_bank``: made once, reused on resume). Given ``wide``,
+    half the items are for a second head, their Perlin masks' thresholds drawn in it."""
     bank = None
     if opt.defects == "ddpm":
         source = Path(opt.ddpm_samples) if opt.ddpm_samples else None
@@ -92,7 +101,8 @@ def defect_set(
             source = paint_bank(images.samples, size, folder, steps, count, seed, dev, progress)
         bank = read_bank(source, images.samples)
     thresholds = tuple(opt.mask_thresholds)
-    return SyntheticTrainSet.around(images, opt.defect_prob, bank, opt.bank_share, thresholds)
+    wide = tuple(wide) if wide else None
+    return SyntheticTrainSet.around(images, opt.defect_prob, bank, opt.bank_share, thresholds, wide)
 
 
 class Logits(NamedTuple):
