@@ -230,28 +230,33 @@ def test_map_adds_the_students_map_both_standardised_over_good_pixels() -> None:
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"map": "max"})
 
 
-def test_a_wide_head_learns_its_own_items_and_its_map_joins_the_first_heads() -> None:
+def test_a_wide_head_trains_in_a_phase_of_its_own_and_its_map_joins_the_first_heads() -> None:
     torch.manual_seed(0)
     options = {"wide_head": [0.1, 0.6]}
     model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
-    batch = {**_batch(), "kind": torch.tensor([0, 1, 1, 0])}  # a defect of each kind
-    model.phase = "head"
-    model.train()
-    out = model(batch["image"])
-    parts = model.loss(batch, out)
-    assert set(parts) == {"loss", "focal", "l1", "wide_focal", "wide_l1"}
-    first = head_loss(out.logits[[0, 3]], batch["mask"][[0, 3]])["loss"]
-    wide = head_loss(out.wide[[1, 2]], batch["mask"][[1, 2]])["loss"]
-    assert torch.allclose(parts["loss"], first + wide)
-    parts["loss"].backward()
-    assert all(p.grad is not None for p in model.wide_head.parameters())
-    model.zero_grad(set_to_none=True)
-    batch["kind"] = torch.zeros(4, dtype=torch.long)  # none for the wide head
-    parts = model.loss(batch, model(batch["image"]))
-    assert set(parts) == {"loss", "focal", "l1"}
-    parts["loss"].backward()
-    assert all(p.grad is None for p in model.wide_head.parameters())
-    assert all(p.grad is not None for p in model.head.parameters())
+    one = build_model("dest_ddpm", "resnet18", pretrained=False)  # the same, one head
+    # the student keeps its 2400 steps and each head gets the one head's 1886
+    assert one.schedule_steps(2400) == 4286 and model.schedule_steps(2400) == 6171
+    assert one.phases(100)[1].start == 56
+    phases = model.phases(144)
+    assert [(p.name, p.start, p.scoring) for p in phases] == [
+        ("student", 0, False),
+        ("head", 56, False),
+        ("wide", 100, True),  # only the second head's epochs are validated and kept
+    ]
+    assert [p.name for p in model.phases(3)] == ["student", "head", "wide"]
+    batch = _batch()
+    for phase, trained, frozen in [("head", "head", "wide_head"), ("wide", "wide_head", "head")]:
+        model.phase = phase
+        model.train()
+        assert getattr(model, trained).training and not getattr(model, frozen).training
+        parts = model.loss(batch, model(batch["image"]))
+        assert set(parts) == {"loss", "focal", "l1"}
+        parts["loss"].backward()
+        assert all(p.grad is not None for p in getattr(model, trained).parameters())
+        assert all(p.grad is None for p in getattr(model, frozen).parameters())
+        assert all(p.grad is None for part in model.student_parts() for p in part.parameters())
+        model.zero_grad(set_to_none=True)
 
     one = build_model("dest_ddpm", "resnet18", pretrained=False)  # the same, one head
     one.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("wide")})

@@ -195,7 +195,7 @@ class TrainSet(ImageDataset):
     ) -> None:
         super().__init__(samples, image_size, mean, std)
         views.check_augment(list(augment), self.size)
-        self.seed, self.augment, self.epoch = seed, list(augment), 0
+        self.seed, self.augment, self.epoch, self.phase = seed, list(augment), 0, ""
         self.cache_bytes, self.cached = cache_bytes, {}
 
     def teacher_inputs(self) -> tuple[TrainSet, str] | None:
@@ -203,8 +203,9 @@ class TrainSet(ImageDataset):
         them: these very images ("index"), when they come in no views; else None."""
         return None if self.augment else (self, "index")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, phase: str = "") -> None:
+        """The epoch about to run, and the model's training phase in it (models/base.Phase)."""
+        self.epoch, self.phase = epoch, phase
 
     def view(self, i: int) -> tuple[bool, bool, int]:
         """This epoch's view of image ``i`` (its own generator: other draws stay unchanged)."""

@@ -371,7 +371,7 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm, pace: Pace, say: bool) -> dic
     run.model.phase = phase_at(run.phases, epoch).name
     for group in run.opt.param_groups:
         group["lr"] = learning_rate(t.lr, t.lr_schedule, run.phases, epoch, t.epochs)
-    run.ds.set_epoch(epoch)
+    run.ds.set_epoch(epoch, run.model.phase)
     run.net.train()
     tic = time.perf_counter()
     sums = torch.zeros(2, dtype=torch.float64)  # (loss x images, images) on this rank

@@ -33,8 +33,8 @@ the abstract is silent; docs/models.md lists where it does not.
   mean on held-out good images, summed, smoothed; its max for the score), the two maps and the
   two scores each standardised by their mean and standard deviation on the held-out good
   training images (the maps over their pixels).
-- Two heads (``wide_head``, not in DeSTSeg): a second head trained in the same phase on wide
-  Perlin masks, each training image going to one head; the map averages the two heads'
+- Two heads (``wide_head``, not in DeSTSeg): a second head, trained after the first (which is
+  then frozen) in a phase of its own on wide Perlin masks; the map averages the two heads'
   standardised maps before adding the student's, the image score stays the first head's. Wide
   masks find the wide regions DRAEM's miss, and alone cost small defects (docs/models.md).
 
@@ -93,8 +93,8 @@ class DeSTOptions(HeadOptions):
     # share of epochs training the student: with epochs auto it gets the family's 2400 steps
     student_share: float = 0.56
     bank_share: float = 0.5  # with defects ddpm: half painted, half Perlin (docs/models.md)
-    # a second head, taught on half the images Perlin masks of thresholds in [lo, hi]; the map
-    # averages the two heads' (standardised); None: one head
+    # a second head, trained after the first in as many epochs of its own on Perlin masks of
+    # thresholds in [lo, hi]; the map averages the two heads' (standardised); None: one head
     wide_head: tuple[float, float] | None = None
 
 
@@ -102,8 +102,7 @@ class Denoised(NamedTuple):
     """Training output: the student's features, and the head's logits in phase two."""
 
     student: list[Tensor]  # each (B, C_i, h_i, w_i)
-    logits: Tensor | None  # (B, 1, h_0, w_0); None in phase one
-    wide: Tensor | None = None  # the second head's logits (B, 1, h_0, w_0), if it has one
+    logits: Tensor | None  # (B, 1, h_0, w_0), the training head's; None in phase one
 
 
 class DeSTDDPM(KDModel, UNetStudent):
@@ -170,11 +169,27 @@ class DeSTDDPM(KDModel, UNetStudent):
         self.register_load_state_dict_pre_hook(_head_only_if_missing)
 
     def schedule_steps(self, steps: int) -> int:
-        """The student gets the family's ``steps``; the head the rest of the epochs."""
-        return round(steps / self.opt.student_share)
+        """The student gets the family's ``steps``; the head the rest of the epochs (a second
+        head as many again)."""
+        share = self.opt.student_share
+        heads = 1 if self.wide_head is None else 2
+        return round(steps * (share + heads * (1 - share)) / share)
 
     def phases(self, epochs: int) -> list[Phase]:
-        return head_phases(self.opt, epochs)
+        """The student, then the head (``head_phases``); with a second head, the student's share
+        is of one head's run and the epochs after it split between the two heads, the second's
+        phase ``wide`` the only one that scores."""
+        if self.wide_head is None:
+            return head_phases(self.opt, epochs)
+        share = self.opt.student_share
+        first = max(1, round(epochs * share / (2 - share)))
+        wide = first + max(1, round((epochs - first) / 2))
+        student, head = head_phases(self.opt, epochs)
+        return [
+            student._replace(start=0),
+            head._replace(start=first, scoring=False),
+            head._replace(name="wide", start=wide),
+        ]
 
     def train_set(self, images: TrainSet, folder: Path, progress: bool) -> SyntheticTrainSet:
         device = self.head[-1].weight.device
@@ -182,8 +197,9 @@ class DeSTDDPM(KDModel, UNetStudent):
 
     def train(self, mode: bool = True) -> DeSTDDPM:
         super().train(mode)
-        if self.phase == "head":  # the frozen student keeps its BatchNorm statistics
-            for part in self.student_parts():
+        if self.phase in ("head", "wide"):  # frozen parts keep their BatchNorm statistics
+            idle = self.head if self.phase == "wide" else self.wide_head  # the other head
+            for part in [*self.student_parts(), *([idle] if idle is not None else [])]:
                 part.train(False)
         return self
 
@@ -289,15 +305,14 @@ class DeSTDDPM(KDModel, UNetStudent):
 
     def forward(self, x: Tensor, teacher: list[Tensor] | None = None) -> Denoised | Output:
         """(B, 3, H, W) -> train: Denoised; eval: Output."""
-        if self.training and self.phase != "head":
+        if self.training and self.phase not in ("head", "wide"):
             return Denoised(self.student(x), None)
         t = self.teach(x, teacher)
         if self.training:
             with torch.no_grad():
                 s = self.student(x)
-            t, s = self.mapped(t), self.mapped(s)
-            wide = None if self.wide_head is None else self.wide_head.segment(t, s)
-            return Denoised(s, self.head.segment(t, s), wide)
+            head = self.wide_head if self.phase == "wide" else self.head
+            return Denoised(s, head.segment(self.mapped(t), self.mapped(s)))
         out, wide, maps = self._scored(x, t)
         score, amap = out.score, out.anomaly_map
         if not self.uses_student:
@@ -319,25 +334,10 @@ class DeSTDDPM(KDModel, UNetStudent):
 
     def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:
         if out.logits is not None:
-            if out.wide is None:
-                return head_loss(out.logits, batch["mask"])
-            return self._two_head_loss(batch, out.logits, out.wide)
+            return head_loss(out.logits, batch["mask"])
         t = self.teach(batch["clean"], batch.get("clean_teacher"))  # the clean image's
         parts = {f"cos{i}": pixel_cosine_loss(a, b) for i, (a, b) in enumerate(zip(t, out.student))}
         return {"loss": sum(parts.values()), **parts}
-
-    @staticmethod
-    def _two_head_loss(batch: dict[str, Tensor], logits: Tensor, wide: Tensor) -> dict[str, Tensor]:
-        """Each head's loss on the items of its kind (``kind`` 0: the first head's defects, 1:
-        the wide ones), summed; a head with no item in the batch adds nothing."""
-        total, parts = logits.new_zeros(()), {}
-        for prefix, kind, head in (("", 0, logits), ("wide_", 1, wide)):
-            mine = batch["kind"] == kind  # (B,)
-            if mine.any():
-                loss = head_loss(head[mine], batch["mask"][mine])
-                total = total + loss.pop("loss")
-                parts.update({prefix + k: v for k, v in loss.items()})
-        return {"loss": total, **parts}
 
 
 def _head_only_if_missing(

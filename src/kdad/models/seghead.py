@@ -89,7 +89,7 @@ def defect_set(
     """The good training images with synthetic defects and their masks: Perlin ones, or those
     of a DDPM-painted bank, ``ddpm_samples`` or else one painted from these images into the run
     ``folder`` (``synth.diffusion.paint_bank``: made once, reused on resume). Given ``wide``,
-    half the items are for a second head, their Perlin masks' thresholds drawn in it."""
+    the epochs of the phase ``wide`` (a second head's) draw Perlin masks of thresholds in it."""
     bank = None
     if opt.defects == "ddpm":
         source = Path(opt.ddpm_samples) if opt.ddpm_samples else None

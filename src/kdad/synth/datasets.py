@@ -65,12 +65,11 @@ class SyntheticTrainSet(TrainSet):
     synth sample`), drawn from the bank with probability ``bank_share``, else Perlin ones. A
     Perlin mask's threshold is drawn in ``thresholds`` (lo, hi): 0.5 alone gives DRAEM's
     defects, 3-8% of the image; down to 0.1, up to 37%, as wide as real defects come.
-    Given ``wide`` (lo, hi), each item is first drawn to one of two kinds, for two segmentation
-    heads: kind 0 as above, kind 1 with its Perlin masks' thresholds drawn in ``wide`` (no bank
-    defects); ``kind`` says which (always 0 without ``wide``). Everything is fixed by (seed,
-    epoch, index): resuming replays the same defects. Items also carry ``clean_index``, the
-    training image that is their clean version (a bank defect's source), by which the teacher's
-    features of it can be looked up."""
+    Given ``wide`` (lo, hi), epochs of the training phase ``wide_phase`` (a second head's) draw
+    their Perlin masks' thresholds in ``wide`` instead, and take no bank defects. Everything is
+    fixed by (seed, epoch, index): resuming replays the same defects. Items also carry
+    ``clean_index``, the training image that is their clean version (a bank defect's source),
+    by which the teacher's features of it can be looked up."""
 
     def __init__(
         self,
@@ -86,10 +85,11 @@ class SyntheticTrainSet(TrainSet):
         cache_bytes: float = 0.0,
         thresholds: tuple[float, float] = (0.5, 0.5),
         wide: tuple[float, float] | None = None,
+        wide_phase: str = "wide",
     ) -> None:
         super().__init__(samples, image_size, mean, std, seed, augment, cache_bytes)
         self.defect_prob, self.bank, self.bank_share = defect_prob, bank, bank_share
-        self.thresholds, self.wide = thresholds, wide
+        self.thresholds, self.wide, self.wide_phase = thresholds, wide, wide_phase
         index = {s.path.resolve(): i for i, s in enumerate(samples)}
         self.sources = [index[source.resolve()] for *_, source in bank or []]  # bank's clean
 
@@ -134,15 +134,15 @@ class SyntheticTrainSet(TrainSet):
         j = i  # the clean version's index
         clean = self.image(i)  # (3, H, W)
         x, mask = clean, torch.zeros(self.size)
-        kind = int(rng.integers(2)) if self.wide else 0  # no draw without: older runs replay
+        wide = self.wide is not None and self.phase == self.wide_phase
         if rng.random() < self.defect_prob:
-            if kind == 0 and self.bank and rng.random() < self.bank_share:
+            if not wide and self.bank and rng.random() < self.bank_share:
                 k = rng.integers(len(self.bank))
                 (image, mask_path, _), j = self.bank[k], self.sources[k]
                 x, clean = self.load(image), self.image(j)
                 mask = resize_mask(torch.from_numpy(read_mask(mask_path)), self.size)
             else:
-                lo, hi = self.wide if kind else self.thresholds
+                lo, hi = self.wide if wide else self.thresholds
                 threshold = rng.uniform(lo, hi) if hi > lo else lo
                 img, m = synthesize(clean.permute(1, 2, 0).numpy(), rng, threshold=threshold)
                 x, mask = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m)
@@ -155,5 +155,4 @@ class SyntheticTrainSet(TrainSet):
             "label": torch.tensor(int(bool(mask.any()))),
             "index": torch.tensor(i),
             "clean_index": torch.tensor(j),
-            "kind": torch.tensor(kind),
         }
