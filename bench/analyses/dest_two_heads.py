@@ -18,6 +18,12 @@ Magnetic Tile: one half (``--half``); another dataset: its whole test set.
     python bench/analyses/dest_two_heads.py score runs/two_heads/mtd_draem-s0/best.pt \
         runs/area/mtd_dest_area_mid-s0/best.pt \
         --out bench/results/dest_default/two_heads/mtd_s0_dev.json
+
+``split``: a checkpoint of a model with both heads (option ``wide_head``) as two one-head
+checkpoints, ``first`` and ``wide`` under ``--out``, for ``score`` to compare its heads.
+
+    python bench/analyses/dest_two_heads.py split runs/two_heads_e2e/mtd_dest_two_heads-s0/best.pt \
+        --out runs/two_heads_e2e/split/mtd-s0
 """
 
 from __future__ import annotations
@@ -78,6 +84,22 @@ def train(run: Path, thresholds: list[float], out: Path) -> None:
     fit(cfg, resume=True)
 
 
+def split(checkpoint: Path, out: Path) -> None:
+    """``checkpoint``'s two heads as one-head checkpoints ``out/first`` and ``out/wide``."""
+    state = load_checkpoint(checkpoint)
+    cfg = RunConfig.from_dict(state["config"], str(checkpoint))
+    if not cfg.model.options.get("wide_head"):
+        raise SystemExit(f"{checkpoint}: a model of one head")
+    cfg.model.options = {k: v for k, v in cfg.model.options.items() if k != "wide_head"}
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("wide")}
+    wide = {
+        k.removeprefix("wide_"): v for k, v in state["model"].items() if k.startswith("wide_head.")
+    }
+    for name, w in (("first", weights), ("wide", {**weights, **wide})):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out / name / "best.pt", {**state, "config": cfg.to_dict(), "model": w})
+
+
 def score(a: Path, b: Path, half: str, out: str) -> None:
     """Pixel metrics of the maps made of ``a``'s and ``b``'s heads on their shared student."""
     da, db = Detector.load(a), Detector.load(b)
@@ -132,9 +154,14 @@ def main() -> None:
     s.add_argument("b", type=Path)
     s.add_argument("--half", choices=("dev", "final"), default="dev")
     s.add_argument("--out", required=True)
+    p = sub.add_parser("split")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.command == "train":
         train(args.run, args.mask_thresholds, args.out)
+    elif args.command == "split":
+        split(args.checkpoint, args.out)
     else:
         score(args.a, args.b, args.half, args.out)
 
