@@ -274,11 +274,16 @@ def test_bank_share_mixes_painted_and_perlin_defects(tmp_path: Path) -> None:
         model_from_config(cfg.model, pretrained=False)
 
 
-def test_perlin_training_defects_come_in_many_sizes(tmp_path: Path) -> None:
+def _dest_run(tmp_path: Path) -> tuple[RunConfig, list]:
+    """A DeST-DDPM run's config at 64 px on a generated dataset, and its fitting images."""
     data = make_mvtec(tmp_path / "data", n_train=12)
     cfg = RunConfig()
     cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 64, "dest_ddpm"
-    fit, _ = training_samples(cfg.data)
+    return cfg, training_samples(cfg.data)[0]
+
+
+def test_perlin_training_defects_come_in_many_sizes(tmp_path: Path) -> None:
+    cfg, fit = _dest_run(tmp_path)
     ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
     assert ds.thresholds == (0.5, 0.5)  # the default: DRAEM's
     cfg.model.options = {"mask_thresholds": [0.1, 0.6]}
@@ -419,10 +424,7 @@ def test_dest_ddpm_paints_its_own_bank_when_asked_and_reuses_it(tmp_path: Path, 
 
 
 def test_a_second_heads_phase_trains_on_wide_perlin_defects(tmp_path: Path) -> None:
-    data = make_mvtec(tmp_path / "data", n_train=12)
-    cfg = RunConfig()
-    cfg.data.path, cfg.data.image_size, cfg.model.name = str(data), 64, "dest_ddpm"
-    fit, _ = training_samples(cfg.data)
+    cfg, fit = _dest_run(tmp_path)
     ds, _ = datasets(cfg, model_from_config(cfg.model, pretrained=False))
     assert ds.wide is None
     cfg.model.options = {"wide_head": [0.1, 0.6]}
