@@ -258,7 +258,6 @@ def test_a_wide_head_trains_in_a_phase_of_its_own_and_its_map_joins_the_first_he
         assert all(p.grad is None for part in model.student_parts() for p in part.parameters())
         model.zero_grad(set_to_none=True)
 
-    one = build_model("dest_ddpm", "resnet18", pretrained=False)  # the same, one head
     one.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("wide")})
     model.eval()
     one.eval()

@@ -65,6 +65,7 @@ from kdad.models.seghead import (
     check_thresholds,
     defect_set,
     head_loss,
+    head_map,
     head_output,
     head_phases,
     head_score_rule,
@@ -186,7 +187,7 @@ class DeSTDDPM(KDModel, UNetStudent):
         wide = first + max(1, round((epochs - first) / 2))
         student, head = head_phases(self.opt, epochs)
         return [
-            student._replace(start=0),
+            student,
             head._replace(start=first, scoring=False),
             head._replace(name="wide", start=wide),
         ]
@@ -251,9 +252,7 @@ class DeSTDDPM(KDModel, UNetStudent):
         t, s = self.mapped(t), self.mapped(self.student(x))
         size = tuple(x.shape[-2:])
         out = head_output(self.head.segment(t, s), size, self.opt.top_share)
-        wide = None
-        if self.wide_head is not None:
-            wide = head_output(self.wide_head.segment(t, s), size, self.opt.top_share).anomaly_map
+        wide = None if self.wide_head is None else head_map(self.wide_head.segment(t, s), size)
         if not self.uses_student:
             return out, wide, []
         return out, wide, [1 - F.cosine_similarity(a, b, dim=1) for a, b in zip(t, s)]
@@ -315,8 +314,10 @@ class DeSTDDPM(KDModel, UNetStudent):
             return Denoised(s, head.segment(self.mapped(t), self.mapped(s)))
         out, wide, maps = self._scored(x, t)
         score, amap = out.score, out.anomaly_map
+        if self.opt.map == "head" and wide is not None:
+            amap = (amap + wide) / 2
         if not self.uses_student:
-            return out if wide is None else Output((amap + wide) / 2, score)
+            return Output(amap, score)
         student = self.student_map(maps, tuple(x.shape[-2:]))  # (B, H, W)
         if self.opt.image_score == "both":
             hm, hs, sm, ss = self.normal
@@ -328,8 +329,6 @@ class DeSTDDPM(KDModel, UNetStudent):
                 wm, ws = self.wide_normal
                 amap = (amap + (wide - wm) / ws) / 2
             amap = amap + (student - sm) / ss
-        elif wide is not None:
-            amap = (amap + wide) / 2
         return Output(amap, score)
 
     def loss(self, batch: dict[str, Tensor], out: Denoised) -> dict[str, Tensor]:

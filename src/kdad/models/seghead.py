@@ -136,10 +136,14 @@ class SegHead(nn.Sequential):
         return self(torch.cat(prods, 1))
 
 
+def head_map(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """The head's probability (B, 1, h, w) -> upsampled to ``size``, (B, H, W)."""
+    return torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear"))[:, 0]
+
+
 def head_output(logits: Tensor, size: tuple[int, int], top_share: float) -> Output:
-    """The head's probability upsampled to ``size`` (B, H, W); score: the mean of its top
-    ``top_share`` pixels."""
-    amap = torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear"))[:, 0]
+    """The head's map (``head_map``); score: the mean of its top ``top_share`` pixels."""
+    amap = head_map(logits, size)
     k = max(1, round(top_share * amap[0].numel()))
     return Output(amap, amap.flatten(1).topk(k, dim=1).values.mean(1))
 
