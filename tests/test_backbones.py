@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from skimage import data
 
 from kdad.backbones import BACKBONES, build_backbone, get_spec
-from kdad.backbones.efficientnet_lite import LITE_PARAMS
+from kdad.backbones.efficientnet_lite import LITE_PARAMS, Conv2dSame, conv_bn
 from kdad.backbones.weights import WeightSource, load_state_dict
 from kdad.errors import KdadError
 
@@ -122,3 +122,43 @@ def test_split_pieces_chain_to_the_stage_features(name: str) -> None:
     kept = {id(p) for piece in pieces for p in piece.parameters()}
     head = net._fc if hasattr(net, "_fc") else net.fc
     assert not kept & {id(p) for p in head.parameters()}
+
+
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2), (5, 1), (5, 2)])
+def test_same_padding_without_a_padded_copy_is_tensorflows(k: int, stride: int) -> None:
+    """``Conv2dSame`` pads through the convolution (a zero tap in front where TensorFlow's
+    "SAME" pads one more pixel after): the same outputs as padding the input explicitly, for
+    odd and even sides, both layouts, depthwise or not."""
+    torch.manual_seed(0)
+    for groups in (1, 8):
+        conv = Conv2dSame(8, 8, k, stride, groups=groups, bias=False)
+        for h, w in [(16, 16), (15, 17), (17, 14)]:
+            x = torch.randn(2, 8, h, w)
+            pads = []
+            for size, s in ((w, stride), (h, stride)):
+                total = max((-(-size // s) - 1) * s + k - size, 0)
+                pads += [total // 2, total - total // 2]
+            want = F.conv2d(F.pad(x, pads), conv.weight, None, stride, 0, 1, groups)
+            for y in (x, x.contiguous(memory_format=torch.channels_last)):
+                got = conv(y)
+                assert got.shape == want.shape == (2, 8, -(-h // stride), -(-w // stride))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_folds_into_the_convolution_in_eval_mode_only() -> None:
+    """``conv_bn`` in eval mode is the convolution then the BatchNorm of running statistics; in
+    training mode it is the two modules as they are (batch statistics, running ones updated)."""
+    torch.manual_seed(0)
+    conv, bn = Conv2dSame(4, 6, 3, 2, bias=False), torch.nn.BatchNorm2d(6, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
+    x = torch.randn(3, 4, 20, 20)
+    bn.eval()
+    torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    bn.train()
+    before = bn.running_mean.clone()
+    y = conv_bn(conv, bn, x)
+    want = F.batch_norm(conv(x), None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(bn.running_mean, before)  # batch statistics updated the running ones

@@ -3,6 +3,11 @@
 Lite differs from EfficientNet-B*: no squeeze-excitation, ReLU6 instead of swish, a fixed 32-channel
 stem and 1280-channel head, and the first and last stages never repeated. Convolutions use
 TensorFlow "SAME" padding (asymmetric for stride 2) and BatchNorm eps 1e-3, as in training.
+
+For CPU speed (a frozen teacher runs 3x faster, docs/benchmarks.md) the network runs
+channels-last, never copies its input to pad it (``Conv2dSame.same``), applies ReLU6 in place,
+and with BatchNorm in eval mode folds it into the convolution's weights at each call (the state
+dict keeps its keys).
 """
 
 from __future__ import annotations
@@ -47,11 +52,34 @@ class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding computed from the input size (extra pixel right)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        pads = []
+        return self.same(x, self.weight, self.bias)
+
+    def same(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This convolution of ``x`` with ``weight`` and ``bias`` in place of its own. Where
+        "SAME" pads one pixel more after than before, the kernel gets a zero tap in front and
+        the convolution pads evenly: the same sums, without copying ``x`` into a padded one.
+        An exported graph, made for any input size, keeps the pads a separate op."""
+        pads = []  # F.pad's order: left, right, top, bottom
         for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+        if torch.compiler.is_exporting():
+            return F.conv2d(F.pad(x, pads), weight, bias, self.stride, 0, 1, self.groups)
+        front = [pads[3] - pads[2], pads[1] - pads[0]]  # (h, w): 1 where one more pad is after
+        if any(front):
+            weight = F.pad(weight, [front[1], 0, front[0], 0])  # (C_out, C_in / groups, k', k')
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, bias, self.stride, (pads[3], pads[1]), 1, self.groups)
+
+
+def conv_bn(conv: Conv2dSame, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``bn(conv(x))``; with ``bn`` in eval mode, one convolution whose weights carry the
+    BatchNorm's affine map (folded at each call: cheap beside the convolution)."""
+    if bn.training:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+    weight = conv.weight * scale[:, None, None, None]  # (C_out, C_in / groups, k, k)
+    return conv.same(x, weight, bn.bias - bn.running_mean * scale)
 
 
 class MBConv(nn.Module):
@@ -71,10 +99,30 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+        y = x
+        if self.has_expand:
+            y = F.relu6(conv_bn(self._expand_conv, self._bn0, y), inplace=True)
+        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y), inplace=True)
+        y = conv_bn(self._project_conv, self._bn2, y)
         return x + y if self.residual else y
+
+
+def stem(conv: Conv2dSame, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """The stem, (B, 3, H, W) -> (B, 32, H/2, W/2), channels-last from here on."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.relu6(conv_bn(conv, bn, x), inplace=True)
+
+
+class FirstPiece(nn.Sequential):
+    """``split``'s first piece: the stem's convolution, BatchNorm and ReLU6, then blocks, the
+    stem run as the whole network runs it (``stem``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, bn, _, *blocks = self
+        x = stem(conv, bn, x)
+        for block in blocks:
+            x = block(x)
+        return x
 
 
 class EfficientNetLite(nn.Module):
@@ -115,11 +163,15 @@ class EfficientNetLite(nn.Module):
             for i, (c, s) in enumerate(zip(self.stage_channels, self.stage_strides))
         }
 
+    def stem(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 32, H/2, W/2), channels-last from here on."""
+        return stem(self._conv_stem, self._bn0, x)
+
     def features(self, x: Tensor, names: list[str]) -> list[Tensor]:
         """Outputs of the named stages, running only as deep as the deepest one needs."""
         ends = {self.stage_ends[int(n.removeprefix("stage")) - 1]: n for n in names}
         out: dict[str, Tensor] = {}
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self.stem(x)
         for i, block in enumerate(self._blocks):
             x = block(x)
             if i in ends:
@@ -139,15 +191,16 @@ class EfficientNetLite(nn.Module):
         for end in ends:
             blocks = list(self._blocks[start : end + 1])
             if not pieces:
-                blocks = [self._conv_stem, self._bn0, nn.ReLU6(), *blocks]
-            pieces.append(nn.Sequential(*blocks))
+                pieces.append(FirstPiece(self._conv_stem, self._bn0, nn.ReLU6(), *blocks))
+            else:
+                pieces.append(nn.Sequential(*blocks))
             start = end + 1
         return pieces
 
     def forward(self, x: Tensor) -> Tensor:
         """ImageNet logits (B, 1000)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self.stem(x)
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(conv_bn(self._conv_head, self._bn1, x), inplace=True)
         return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -21,14 +21,19 @@ def perlin_noise(size: int, res: tuple[int, int], rng: np.random.Generator) -> n
     ry, rx = res
     angles = 2 * np.pi * rng.random((ry + 1, rx + 1))
     grad = np.stack([np.cos(angles), np.sin(angles)], -1)  # (ry+1, rx+1, 2)
-    y, x = np.mgrid[0:n, 0:n] + 0.5
+    # the lattice is separable: per-row (n, 1) and per-column (1, n) terms, broadcast only
+    # where they meet (the same values as a full (n, n) grid, a fraction of the work)
+    y = np.arange(n)[:, None] + 0.5  # (n, 1)
+    x = np.arange(n)[None, :] + 0.5  # (1, n)
     gy, gx = y * ry / n, x * rx / n
     iy, ix = gy.astype(int), gx.astype(int)
     fy, fx = gy - iy, gx - ix
+    corner = [[grad[dy : dy + ry, :, k] for k in (0, 1)] for dy in (0, 1)]  # (ry, rx+1) each
 
     def dot(dy: int, dx: int) -> np.ndarray:
-        g = grad[iy + dy, ix + dx]
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+        # each cell's corner gradient, repeated over the cell's n / res pixels per axis
+        g = [np.repeat(np.repeat(c, n // ry, 0)[:, dx : dx + rx], n // rx, 1) for c in corner[dy]]
+        return g[0] * (fy - dy) + g[1] * (fx - dx)  # (n, n)
 
     def fade(t: np.ndarray) -> np.ndarray:
         return 6 * t**5 - 15 * t**4 + 10 * t**3
@@ -90,7 +95,9 @@ def synthesize(
     shape = image.shape[:2]
     mask = perlin_mask(shape, rng, threshold)
     tex = perlin_texture(shape, rng) if rng.random() < 0.5 else self_texture(image, rng)
-    if np.ptp(image, axis=2).max() < 1e-6:  # a gray part gets a gray defect
+    r, g, b = (image[..., c] for c in range(3))  # channel planes: faster than a ptp over axis 2
+    if (np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).max() < 1e-6:
+        # a gray part gets a gray defect
         tex = np.repeat(tex.mean(axis=2, keepdims=True), 3, axis=2)
     beta = rng.uniform(0, beta_max)
     blended = (1 - beta) * tex + beta * image
