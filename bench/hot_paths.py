@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
+from runtime import timed
 
 from kdad.backbones import build_backbone, get_spec
 from kdad.synth.perlin import synthesize
-
-
-def median_seconds(f: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall seconds of ``f()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def teacher_seconds(name: str, batch: int, side: int, repeats: int) -> float:
@@ -46,7 +34,7 @@ def teacher_seconds(name: str, batch: int, side: int, repeats: int) -> float:
     stages = list(get_spec(name).deep_stages)
     x = torch.randn(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        return median_seconds(lambda: net.features(x, stages), repeats)
+        return statistics.median(timed(lambda: net.features(x, stages), repeats))
 
 
 def perlin_seconds(side: int, count: int) -> float:

@@ -163,15 +163,11 @@ class EfficientNetLite(nn.Module):
             for i, (c, s) in enumerate(zip(self.stage_channels, self.stage_strides))
         }
 
-    def stem(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, 32, H/2, W/2), channels-last from here on."""
-        return stem(self._conv_stem, self._bn0, x)
-
     def features(self, x: Tensor, names: list[str]) -> list[Tensor]:
         """Outputs of the named stages, running only as deep as the deepest one needs."""
         ends = {self.stage_ends[int(n.removeprefix("stage")) - 1]: n for n in names}
         out: dict[str, Tensor] = {}
-        x = self.stem(x)
+        x = stem(self._conv_stem, self._bn0, x)
         for i, block in enumerate(self._blocks):
             x = block(x)
             if i in ends:
@@ -199,7 +195,7 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """ImageNet logits (B, 1000)."""
-        x = self.stem(x)
+        x = stem(self._conv_stem, self._bn0, x)
         for block in self._blocks:
             x = block(x)
         x = F.relu6(conv_bn(self._conv_head, self._bn1, x), inplace=True)
