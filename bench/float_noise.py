@@ -22,31 +22,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
 
 import kdad
+from kdad.backbones import get_spec
+from kdad.data.dataset import preprocess
 from kdad.data.io import read_image
 from kdad.models.teacher import Teacher
 
-MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]  # ImageNet's
-STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+BACKBONE = "efficientnet_lite0"  # DeST-DDPM's default teacher
 
 
 def teacher_features(data: str) -> list[np.ndarray]:
-    """The default teacher's features of the first 8 good tiles at 256x256."""
+    """The default teacher's features of the first 8 good tiles at 256x256, preprocessed as
+    training does."""
+    spec = get_spec(BACKBONE)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (spec.mean, spec.std))
     files = sorted(Path(data).glob("MT_Free/Imgs/*.jpg"))[:8]
-    x = torch.stack(
-        [
-            F.interpolate(torch.from_numpy(read_image(f)).permute(2, 0, 1)[None], (256, 256))[0]
-            for f in files
-        ]
-    )  # (8, 3, 256, 256)
-    teacher = Teacher("efficientnet_lite0", None, pretrained=True, weights=None)
+    x = torch.stack([preprocess(read_image(f), 256, mean, std) for f in files])  # (8, 3, 256, 256)
+    teacher = Teacher(BACKBONE, None, pretrained=True, weights=None)
     with torch.no_grad():
-        return [f.contiguous().numpy() for f in teacher((x - MEAN) / STD)]  # each (8, C, h, w)
+        return [f.contiguous().numpy() for f in teacher(x)]  # each (8, C, h, w)
 
 
 def losses(data: str, epochs: int, eps: float, out: Path) -> list[float]:
