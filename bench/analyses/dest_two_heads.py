@@ -45,25 +45,39 @@ from kdad.data.layouts import training_samples
 from kdad.detector import Detector
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.fit import fit
-from kdad.metrics import compute_metrics
+from kdad.engine.schedule import LR_SCHEDULES
+from kdad.metrics import compute_metrics, image_auroc
 from kdad.models import model_from_config
 
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
 
 
-def train(run: Path, thresholds: list[float], out: Path) -> None:
+def train(run: Path, thresholds: list[float], out: Path, lr_schedule: str | None = None) -> None:
     """Resume ``run``'s last checkpoint into ``out`` at the head phase's start, the head
-    re-initialised (as a new run of the same seed builds it) and taught ``thresholds``."""
+    re-initialised (as a new run of the same seed builds it) and taught ``thresholds``, with
+    ``lr_schedule`` if given. A run of two heads (``wide_head``) gives its student to a model
+    of one head, whose schedule (``schedule_steps``) must start its head where the run did."""
     state = load_checkpoint(run / "checkpoint.pt")
     cfg = RunConfig.from_dict(state["config"], str(run))
     epochs = cfg.train.epochs
     if state["epoch"] != epochs:
         raise SystemExit(f"{run}: not finished ({state['epoch']} of {epochs} epochs)")
-    cfg.model.options = {**cfg.model.options, "mask_thresholds": list(thresholds)}
+    two = cfg.model.options.get("wide_head") is not None
+    if two:  # student, first head, second head: a one-head run ends where the second starts
+        _, first, wide = model_from_config(cfg.model, False).phases(epochs)
+        start, epochs = first.start, wide.start
+    options = {k: v for k, v in cfg.model.options.items() if k != "wide_head"}
+    cfg.model.options = {**options, "mask_thresholds": list(thresholds)}
+    if lr_schedule:
+        cfg.train.lr_schedule = lr_schedule
     torch.manual_seed(cfg.train.seed)
     fresh = model_from_config(cfg.model, pretrained=False)
+    if two:
+        cfg.train.epochs = epochs
+        if next(p.start for p in fresh.phases(epochs) if p.name == "head") != start:
+            raise SystemExit(f"{run}: its student's epochs ({start}) are not a one-head run's")
     start = next(p.start for p in fresh.phases(epochs) if p.name == "head")
-    weights = dict(state["model"])
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("wide_")}
     weights.update({k: v for k, v in fresh.state_dict().items() if k.startswith("head.")})
     optimiser = torch.optim.Adam(fresh.param_groups(), lr=cfg.train.lr, betas=cfg.train.betas)
     out.mkdir(parents=True, exist_ok=False)
@@ -138,8 +152,11 @@ def score(a: Path, b: Path, half: str, out: str) -> None:
         met = compute_metrics(o["a"]["model_score"], labels, m, o["a"]["masks"])
         result[name] = {k: met[k] for k in KEYS}
         print(f"{name:24s} " + " ".join(f"{k} {100 * met[k]:.1f}" for k in KEYS), flush=True)
+    image = {k: image_auroc(o[k]["model_score"], labels) for k in o}
+    print(" ".join(f"image_auroc {k} {100 * v:.1f}" for k, v in image.items()), flush=True)
     settings = {"a": str(a), "b": str(b), "half": half}
-    write_result(out, {"benchmark": "dest_two_heads", "settings": settings, "maps": result})
+    result = {"benchmark": "dest_two_heads", "settings": settings, "maps": result}
+    write_result(out, {**result, "image_auroc": image})
 
 
 def main() -> None:
@@ -149,6 +166,7 @@ def main() -> None:
     t.add_argument("run", type=Path)
     t.add_argument("--mask-thresholds", type=float, nargs=2, required=True)
     t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="default: the run's")
     s = sub.add_parser("score")
     s.add_argument("a", type=Path)
     s.add_argument("b", type=Path)
@@ -159,7 +177,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.command == "train":
-        train(args.run, args.mask_thresholds, args.out)
+        train(args.run, args.mask_thresholds, args.out, args.lr_schedule)
     elif args.command == "split":
         split(args.checkpoint, args.out)
     else:
