@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_mvtec
 
-from kdad.engine.schedule import phase_at, phase_warnings
+from kdad.engine.schedule import learning_rate, phase_at, phase_warnings
 from kdad.errors import KdadError, KdadWarning
 from kdad.models import build_model
 from kdad.models.seghead import head_loss
@@ -105,6 +105,25 @@ def test_bad_defect_options_are_refused() -> None:
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"defects": "dtd"})
     with pytest.raises(KdadError, match="ddpm_steps and ddpm_count must be at least 1"):
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"ddpm_count": 0})
+    with pytest.raises(KdadError, match="head_lr_schedule must be constant or cosine, got 'step'"):
+        build_model("dest_ddpm", "resnet18", pretrained=False, options={"head_lr_schedule": "step"})
+
+
+def test_head_lr_schedule_decays_the_heads_learning_rate_and_not_the_students() -> None:
+    """By default every phase follows the run's schedule; ``head_lr_schedule: cosine`` decays
+    the head's phase (every head's) over its epochs and leaves the student's as the run's."""
+    default = build_model("dest_ddpm", "resnet18", pretrained=False)
+    assert [p.lr_schedule for p in default.phases(10)] == [None, None]
+    options = {"head_lr_schedule": "cosine"}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
+    student, head = model.phases(10)
+    assert student.lr_schedule is None and head.lr_schedule == "cosine"
+    lrs = [learning_rate(0.1, "constant", model.phases(10), e, 10) for e in range(10)]
+    start = head.start
+    assert lrs[:start] == [0.1] * start and lrs[start] == 0.1 and lrs[-1] < 0.1 / 4
+    options = {"head_lr_schedule": "cosine", "wide_head": [0.1, 0.6]}
+    two = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
+    assert [p.lr_schedule for p in two.phases(20)] == [None, "cosine", "cosine"]
 
 
 def test_too_few_head_steps_warn() -> None:

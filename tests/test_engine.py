@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import save
 
-from kdad.config import RunConfig, apply_overrides
+from kdad.config import RunConfig, apply_overrides, load_config
 from kdad.data.layouts import find_samples
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.distributed import native_bf16
@@ -178,6 +178,10 @@ def test_checkpoint_is_plain_data(mvtec: Path, tmp_path: Path) -> None:
     assert state["config"]["model"]["name"] == "rd" and state["epoch"] == 1
     assert RunConfig.from_dict(state["config"]).train.betas == (0.5, 0.999)
     assert (tmp_path / "r" / "config.yaml").read_text().startswith("data:")
+    # every option saved, defaults too, so that a default changed later leaves the run as it was
+    options = load_config(tmp_path / "r" / "config.yaml").model.options
+    assert options == state["config"]["model"]["options"]
+    assert options["loss"] == "flat" and options["decoder_blocks"] == []  # a list, as in YAML
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
@@ -258,6 +262,11 @@ def test_cosine_schedule_decays_within_each_phase() -> None:
     lrs = [learning_rate(0.1, "cosine", two, e, 6) for e in range(6)]
     assert lrs[0] == lrs[4] == 0.1 and lrs[2] == pytest.approx(0.05)  # each phase starts anew
     assert lrs[5] == pytest.approx(0.05) and min(lrs) > 0
+    own = [Phase("student", 0), Phase("head", 4, lr_schedule="cosine")]  # the head's own
+    lrs = [learning_rate(0.1, "constant", own, e, 6) for e in range(6)]
+    assert lrs[:5] == [0.1] * 5 and lrs[5] == pytest.approx(0.05)
+    own = [Phase("student", 0), Phase("head", 2, lr_schedule="constant")]
+    assert [learning_rate(0.1, "cosine", own, e, 4) for e in range(4)] == [0.1, 0.05, 0.1, 0.1]
 
 
 def test_cosine_run_sets_each_epochs_rate_and_rejects_unknown_schedules(

@@ -45,7 +45,6 @@ from kdad.engine.infer import fit_normal
 from kdad.engine.lock import run_lock
 from kdad.engine.loop import optimiser_step, progress_bar, random_state, restore_random_state
 from kdad.engine.schedule import (
-    LR_SCHEDULES,
     STEPS,
     Pace,
     auto_epochs,
@@ -61,7 +60,14 @@ from kdad.engine.schedule import (
 from kdad.engine.teacher_cache import TeacherCache, build_cache
 from kdad.errors import KdadError, KdadWarning
 from kdad.metrics import METRIC_NAMES
-from kdad.models import MODELS, KDModel, Phase, absolute_options, model_from_config
+from kdad.models import (
+    LR_SCHEDULES,
+    MODELS,
+    KDModel,
+    Phase,
+    model_from_config,
+    saved_options,
+)
 from kdad.synth.datasets import SyntheticValidationSet
 
 PRECISIONS = ("fp32", "bf16", AUTO)  # of training's forward; bf16 under autocast, weights fp32
@@ -262,7 +268,7 @@ def _start(cfg: RunConfig, resume: bool) -> tuple[RunConfig, dict[str, Any] | No
     check_image_size(cfg.data.image_size)
     if cfg.data.path:  # absolute, so the run can be tested and resumed from anywhere
         cfg.data.path = str(Path(cfg.data.path).resolve())
-    cfg.model.options = absolute_options(cfg.model)
+    cfg.model.options = saved_options(cfg.model)  # saved in full: defaults may change
     if cfg.model.stages is None and cfg.model.name in MODELS:  # saved: defaults may change
         cfg.model.stages = MODELS[cfg.model.name].default_stages(cfg.model.backbone)
     return cfg, state

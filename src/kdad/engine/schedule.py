@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdad.models import Phase
 
-LR_SCHEDULES = ("constant", "cosine")
 VAL_STEPS = 40  # automatic cadence: validations at least this many optimiser steps apart
 # train.epochs: auto trains this many optimiser steps (batch 16), whatever the set's size: on
 # Magnetic Tile (43 steps an epoch) and battery-weld (2) test metrics still rose to about here,
@@ -45,12 +44,13 @@ def phase_at(phases: list[Phase], epoch: int) -> Phase:
 
 
 def learning_rate(lr: float, schedule: str, phases: list[Phase], epoch: int, epochs: int) -> float:
-    """The learning rate of epoch ``epoch`` (0-based): ``lr`` throughout (constant), or decayed
-    from ``lr`` along half a cosine over each phase, so that every phase ends near zero
-    (cosine; for a fixed number of epochs: with early stopping the decay is cut short)."""
-    if schedule == "constant":
-        return lr
+    """The learning rate of epoch ``epoch`` (0-based) under its phase's schedule (the run's
+    ``schedule`` unless the phase has its own): ``lr`` throughout (constant), or decayed from
+    ``lr`` along half a cosine over the phase, so that it ends near zero (cosine; for a fixed
+    number of epochs: with early stopping the decay is cut short)."""
     phase = phase_at(phases, epoch)
+    if (phase.lr_schedule or schedule) == "constant":
+        return lr
     end = min([p.start for p in phases if p.start > phase.start] + [epochs])
     return lr * 0.5 * (1 + math.cos(math.pi * (epoch - phase.start) / (end - phase.start)))
 

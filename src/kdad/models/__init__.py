@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from kdad.config import ModelConfig
 from kdad.data.dataset import AUTO
 from kdad.errors import KdadError
-from kdad.models.base import KDModel, Output, Phase
+from kdad.models.base import LR_SCHEDULES, KDModel, Output, Phase
 from kdad.models.bsdrd import BSDRD
 from kdad.models.dest_ddpm import DeSTDDPM
 from kdad.models.iig_rd import IIGRD
@@ -59,7 +60,9 @@ def build_model(
     known = {f.name for f in dataclasses.fields(cls.Options)}
     bad = sorted(set(options or {}) - known)
     if bad:
-        raise KdadError(f"model {name} has no option {bad[0]!r}; options: {', '.join(known)}")
+        raise KdadError(
+            f"model {name} has no option {bad[0]!r}; options: {', '.join(sorted(known))}"
+        )
     return cls(backbone, stages, pretrained, weights, cls.Options(**(options or {})))
 
 
@@ -68,23 +71,33 @@ def model_from_config(m: ModelConfig, pretrained: bool = True) -> KDModel:
     return build_model(m.name, m.backbone, m.stages, m.options, pretrained, m.weights)
 
 
-def absolute_options(m: ModelConfig) -> dict:
-    """``m.options`` with the options that name files (``path`` in their field's metadata)
-    made absolute, so that a run can be tested and resumed from anywhere."""
+def saved_options(m: ModelConfig) -> dict:
+    """Every option of ``m``'s model, its defaults filled in, as a run saves them: a default
+    changed later does not change the run when it is resumed. Options that name files
+    (``path`` in their field's metadata) are made absolute, so that a run can be tested and
+    resumed from anywhere; tuples become lists, as a config file has them."""
     cls = MODELS.get(m.name)
     if cls is None:
         return m.options
-    paths = {f.name for f in dataclasses.fields(cls.Options) if f.metadata.get("path")}
-    return {k: str(Path(v).resolve()) if k in paths and v else v for k, v in m.options.items()}
+    fields, defaults = dataclasses.fields(cls.Options), cls.Options()
+    paths = {f.name for f in fields if f.metadata.get("path")}
+
+    def saved(name: str, value: Any) -> Any:
+        if name in paths and value:
+            return str(Path(value).resolve())
+        return list(value) if isinstance(value, tuple) else value
+
+    options = {**{f.name: getattr(defaults, f.name) for f in fields}, **m.options}
+    return {k: saved(k, v) for k, v in options.items()}
 
 
 __all__ = [
     "CANDIDATES",
+    "LR_SCHEDULES",
     "MODELS",
     "KDModel",
     "Output",
     "Phase",
-    "absolute_options",
     "build_model",
     "model_from_config",
 ]

@@ -28,6 +28,11 @@ class Output(NamedTuple):
     score: Tensor  # (B,) image anomaly score
 
 
+# learning-rate schedules (engine.schedule.learning_rate): constant, or cosine to ~0 by each
+# phase's end
+LR_SCHEDULES = ("constant", "cosine")
+
+
 class Phase(NamedTuple):
     """A stretch of training from epoch ``start`` (0-based) to the next phase's start."""
 
@@ -35,6 +40,7 @@ class Phase(NamedTuple):
     start: int
     scoring: bool = True  # eval output is the model's own: validation, calibration, best.pt count
     min_steps: int = 0  # optimiser steps below which the phase learns too little (a warning)
+    lr_schedule: str | None = None  # one of LR_SCHEDULES; None: the run's (train.lr_schedule)
 
 
 class KDModel(nn.Module):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from kdad.backbones.resnet import make_stage
 from kdad.data.dataset import TrainSet
 from kdad.errors import KdadError
-from kdad.models.base import Output, Phase
+from kdad.models.base import LR_SCHEDULES, Output, Phase
 from kdad.models.layers import ASPP, conv_bn_relu
 from kdad.synth.bank import read_bank
 from kdad.synth.datasets import SyntheticTrainSet
@@ -42,6 +42,9 @@ class HeadOptions:
     student_share: float = 0.2  # share of epochs training the student (DeSTSeg's); then the head
     top_share: float = 100 / 256**2  # of the map's pixels averaged into the score
     head_width: int = 64  # DeSTSeg's 256 costs 10-13x as much a step on a CPU (docs/models.md)
+    # the head phase's learning rate: constant | cosine (to ~0 by its end); None: the run's
+    # (train.lr_schedule)
+    head_lr_schedule: str | None = None
 
 
 def check_defects(opt: HeadOptions) -> None:
@@ -53,6 +56,9 @@ def check_defects(opt: HeadOptions) -> None:
     if not 0 <= opt.bank_share <= 1:
         raise KdadError(f"bank_share must be in [0, 1], got {opt.bank_share}")
     check_thresholds("mask_thresholds", opt.mask_thresholds)
+    if opt.head_lr_schedule is not None and opt.head_lr_schedule not in LR_SCHEDULES:
+        names = " or ".join(LR_SCHEDULES)
+        raise KdadError(f"head_lr_schedule must be {names}, got {opt.head_lr_schedule!r}")
 
 
 def check_thresholds(name: str, value: object) -> None:
@@ -71,11 +77,14 @@ def head_score_rule(opt: HeadOptions) -> str:
 
 
 def head_phases(opt: HeadOptions, epochs: int) -> list[Phase]:
-    """Phase one trains the student, phase two the head alone; only phase two scores (the
-    head is untrained before). Phase one has at least one epoch: a one-epoch run trains the
-    student only."""
+    """Phase one trains the student, phase two the head alone (at ``head_lr_schedule``); only
+    phase two scores (the head is untrained before). Phase one has at least one epoch: a
+    one-epoch run trains the student only."""
     head = max(1, round(opt.student_share * epochs))
-    return [Phase("student", 0, scoring=False), Phase("head", head, min_steps=MIN_HEAD_STEPS)]
+    return [
+        Phase("student", 0, scoring=False),
+        Phase("head", head, min_steps=MIN_HEAD_STEPS, lr_schedule=opt.head_lr_schedule),
+    ]
 
 
 def defect_set(
