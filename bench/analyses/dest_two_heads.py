@@ -12,7 +12,8 @@ the engine trains, validates and calibrates the new head on the same frozen stud
 
 ``score``: the pixel metrics of maps made of both runs' heads (their students must be one),
 each head's map and the student's standardised over the held-out good images' pixels (the
-model's rule): each head with the student, the max of the heads with it, their mean with it.
+model's rule): each head with the student, the max of the heads with it, their mean with it;
+``--student-weights`` adds the first head with the student's map so weighted (0: the head alone).
 Magnetic Tile: one half (``--half``); another dataset: its whole test set.
 
     python bench/analyses/dest_two_heads.py score runs/two_heads/mtd_draem-s0/best.pt \
@@ -45,9 +46,8 @@ from kdad.data.layouts import training_samples
 from kdad.detector import Detector
 from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.fit import fit
-from kdad.engine.schedule import LR_SCHEDULES
 from kdad.metrics import compute_metrics, image_auroc
-from kdad.models import model_from_config
+from kdad.models import LR_SCHEDULES, model_from_config
 
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
 
@@ -114,8 +114,9 @@ def split(checkpoint: Path, out: Path) -> None:
         save_checkpoint(out / name / "best.pt", {**state, "config": cfg.to_dict(), "model": w})
 
 
-def score(a: Path, b: Path, half: str, out: str) -> None:
-    """Pixel metrics of the maps made of ``a``'s and ``b``'s heads on their shared student."""
+def score(a: Path, b: Path, half: str, out: str, weights: tuple[float, ...] = ()) -> None:
+    """Pixel metrics of the maps made of ``a``'s and ``b``'s heads on their shared student;
+    with ``weights``, also ``a``'s head plus each weight times the student's map."""
     da, db = Detector.load(a), Detector.load(b)
     sa, sb = (
         {k: v for k, v in d.model.state_dict().items() if not k.startswith("head.")}
@@ -146,6 +147,7 @@ def score(a: Path, b: Path, half: str, out: str) -> None:
         "head a alone": ha,
         "head b alone": hb,
         "student alone": s,
+        **{f"head a + {w:g} student": ha + w * s for w in weights},
     }
     result = {}
     for name, m in maps.items():
@@ -172,6 +174,7 @@ def main() -> None:
     s.add_argument("b", type=Path)
     s.add_argument("--half", choices=("dev", "final"), default="dev")
     s.add_argument("--out", required=True)
+    s.add_argument("--student-weights", type=float, nargs="*", default=[], help="of its map")
     p = sub.add_parser("split")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True)
@@ -181,7 +184,7 @@ def main() -> None:
     elif args.command == "split":
         split(args.checkpoint, args.out)
     else:
-        score(args.a, args.b, args.half, args.out)
+        score(args.a, args.b, args.half, args.out, tuple(args.student_weights))
 
 
 if __name__ == "__main__":
