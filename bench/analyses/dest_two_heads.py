@@ -65,18 +65,16 @@ def train(run: Path, thresholds: list[float], out: Path, lr_schedule: str | None
     two = cfg.model.options.get("wide_head") is not None
     if two:  # student, first head, second head: a one-head run ends where the second starts
         _, first, wide = model_from_config(cfg.model, False).phases(epochs)
-        start, epochs = first.start, wide.start
+        cfg.train.epochs = epochs = wide.start
     options = {k: v for k, v in cfg.model.options.items() if k != "wide_head"}
     cfg.model.options = {**options, "mask_thresholds": list(thresholds)}
     if lr_schedule:
         cfg.train.lr_schedule = lr_schedule
     torch.manual_seed(cfg.train.seed)
     fresh = model_from_config(cfg.model, pretrained=False)
-    if two:
-        cfg.train.epochs = epochs
-        if next(p.start for p in fresh.phases(epochs) if p.name == "head") != start:
-            raise SystemExit(f"{run}: its student's epochs ({start}) are not a one-head run's")
     start = next(p.start for p in fresh.phases(epochs) if p.name == "head")
+    if two and start != first.start:
+        raise SystemExit(f"{run}: its student's epochs ({first.start}) are not a one-head run's")
     weights = {k: v for k, v in state["model"].items() if not k.startswith("wide_")}
     weights.update({k: v for k, v in fresh.state_dict().items() if k.startswith("head.")})
     optimiser = torch.optim.Adam(fresh.param_groups(), lr=cfg.train.lr, betas=cfg.train.betas)
@@ -157,8 +155,10 @@ def score(a: Path, b: Path, half: str, out: str, weights: tuple[float, ...] = ()
     image = {k: image_auroc(o[k]["model_score"], labels) for k in o}
     print(" ".join(f"image_auroc {k} {100 * v:.1f}" for k, v in image.items()), flush=True)
     settings = {"a": str(a), "b": str(b), "half": half}
-    result = {"benchmark": "dest_two_heads", "settings": settings, "maps": result}
-    write_result(out, {**result, "image_auroc": image})
+    write_result(
+        out,
+        {"benchmark": "dest_two_heads", "settings": settings, "maps": result, "image_auroc": image},
+    )
 
 
 def main() -> None:
