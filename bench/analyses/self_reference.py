@@ -70,12 +70,12 @@ def maps_of(
     out: dict[str, list] = {"map": [], "score": [], "masks": [], "self": [], "position": []}
     for chunk in DataLoader(det.dataset(samples), batch_size=batch):
         x = chunk["image"]  # (B, 3, H, W)
-        o = model(x)
+        feats = model.teacher(x)  # per scale (B, C, h, w), handed to the model as well
+        o = model(x, feats)
         out["map"].append(o.anomaly_map)
         out["score"].append(o.score)
         out["masks"].append(chunk["mask"] > 0.5)
         size = tuple(x.shape[-2:])
-        feats = det.model.teacher(x)  # per scale (B, C, h, w)
         medians = [f.flatten(2).median(2).values[..., None, None] for f in feats]  # (B, C, 1, 1)
         out["self"].append(torch.stack([distance(f, m, size) for f, m in zip(feats, medians)], 1))
         out["position"].append(torch.stack([distance(f, m, size) for f, m in zip(feats, means)], 1))
