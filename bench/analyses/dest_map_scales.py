@@ -21,13 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
 from common import write_result
-from dest_scores import outputs, rescored_samples, student_map, z
+from dest_scores import KEYS, outputs, rescored_samples, student_map, z
 
 from kdad.data.layouts import training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
-
-KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from kdad.models.distill import scale_maps
 from kdad.models.layers import GaussianBlur
 from kdad.models.seghead import head_output
 
+KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")  # the pixel metrics analyses report
+
 
 def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
     """The mean of the top ``share`` of each map's pixels: (N, H, W) -> (N,)."""

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
 from common import write_result
-from dest_scores import outputs, rescored_samples, student_map, z
+from dest_scores import KEYS, outputs, rescored_samples, student_map, z
 
 from kdad.config import RunConfig
 from kdad.data.layouts import training_samples
@@ -48,8 +48,6 @@ from kdad.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdad.engine.fit import fit
 from kdad.metrics import compute_metrics, image_auroc
 from kdad.models import LR_SCHEDULES, model_from_config
-
-KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
 
 
 def train(run: Path, thresholds: list[float], out: Path, lr_schedule: str | None = None) -> None:

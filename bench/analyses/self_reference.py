@@ -28,14 +28,13 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
 from common import write_result
-from dest_scores import rescored_samples, z
+from dest_scores import KEYS, rescored_samples, z
 
 from kdad.data.layouts import Sample, training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
 from kdad.models.layers import GaussianBlur
 
-KEYS = ("pixel_auroc", "pixel_ap", "aupro", "iap")
 WEIGHTS = (0.25, 0.5, 1.0)
 
 
