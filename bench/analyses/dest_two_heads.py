@@ -4,8 +4,10 @@ bands and cost battery-weld's small defects (docs/benchmarks.md, "Perlin defects
 sizes"); the student's own map does not change with the masks, the head carries both.
 
 ``train``: from a finished run (its ``checkpoint.pt``), a new run folder that resumes it at
-the head phase's first epoch with a freshly initialised head and other ``mask_thresholds``:
-the engine trains, validates and calibrates the new head on the same frozen student.
+the head phase's first epoch with a freshly initialised head and other ``mask_thresholds``
+(and any model option, ``--option KEY=VALUE``): the engine trains, validates and calibrates
+the new head on the same frozen student. Trained with the run's own settings, the new head
+is the run's own, to the last digit.
 
     python bench/analyses/dest_two_heads.py train runs/area/mtd_dest_area_mid-s0 \
         --mask-thresholds 0.5 0.5 --out runs/two_heads/mtd_draem-s0
@@ -32,9 +34,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
@@ -50,11 +54,18 @@ from kdad.metrics import compute_metrics, image_auroc
 from kdad.models import LR_SCHEDULES, model_from_config
 
 
-def train(run: Path, thresholds: list[float], out: Path, lr_schedule: str | None = None) -> None:
+def train(
+    run: Path,
+    thresholds: list[float],
+    out: Path,
+    lr_schedule: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Resume ``run``'s last checkpoint into ``out`` at the head phase's start, the head
     re-initialised (as a new run of the same seed builds it) and taught ``thresholds``, with
     ``lr_schedule`` if given. A run of two heads (``wide_head``) gives its student to a model
-    of one head, whose schedule (``schedule_steps``) must start its head where the run did."""
+    of one head, whose schedule (``schedule_steps``) must start its head where the run did.
+    ``extra``: other model options for the new head (``--option``, e.g. ``head_width=32``)."""
     state = load_checkpoint(run / "checkpoint.pt")
     cfg = RunConfig.from_dict(state["config"], str(run))
     epochs = cfg.train.epochs
@@ -65,7 +76,7 @@ def train(run: Path, thresholds: list[float], out: Path, lr_schedule: str | None
         _, first, wide = model_from_config(cfg.model, False).phases(epochs)
         cfg.train.epochs = epochs = wide.start
     options = {k: v for k, v in cfg.model.options.items() if k != "wide_head"}
-    cfg.model.options = {**options, "mask_thresholds": list(thresholds)}
+    cfg.model.options = {**options, **(extra or {}), "mask_thresholds": list(thresholds)}
     if lr_schedule:
         cfg.train.lr_schedule = lr_schedule
     torch.manual_seed(cfg.train.seed)
@@ -159,6 +170,14 @@ def score(a: Path, b: Path, half: str, out: str, weights: tuple[float, ...] = ()
     )
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value read as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--option: expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,6 +186,7 @@ def main() -> None:
     t.add_argument("--mask-thresholds", type=float, nargs=2, required=True)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="default: the run's")
+    t.add_argument("--option", action="append", default=[], help="KEY=VALUE, a model option")
     s = sub.add_parser("score")
     s.add_argument("a", type=Path)
     s.add_argument("b", type=Path)
@@ -178,7 +198,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.command == "train":
-        train(args.run, args.mask_thresholds, args.out, args.lr_schedule)
+        extra = dict(_key_value(o) for o in args.option)
+        train(args.run, args.mask_thresholds, args.out, args.lr_schedule, extra)
     elif args.command == "split":
         split(args.checkpoint, args.out)
     else:
