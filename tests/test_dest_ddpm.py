@@ -12,7 +12,7 @@ from conftest import make_mvtec
 from kdad.engine.schedule import learning_rate, phase_at, phase_warnings
 from kdad.errors import KdadError, KdadWarning
 from kdad.models import build_model
-from kdad.models.seghead import head_loss
+from kdad.models.seghead import head_loss, self_distance
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -310,3 +310,41 @@ def test_a_wide_head_trains_in_a_phase_of_its_own_and_its_map_joins_the_first_he
         build_model("dest_ddpm", "resnet18", pretrained=False, options={"wide_head": [0.6, 0.1]})
     with pytest.raises(KdadError, match="model stu_seg has no option 'wide_head'"):
         build_model("stu_seg", "resnet18", pretrained=False, options={"wide_head": [0.1, 0.6]})
+
+
+def test_self_distance_marks_what_differs_from_the_rest_of_its_own_image() -> None:
+    feats = torch.zeros(2, 4, 6, 6)
+    feats[:, 0] = 1.0  # one feature everywhere
+    feats[0, :, :2, :3] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None, None]  # a sixth of another
+    feats[1] *= torch.linspace(1, 3, 36).reshape(6, 6)  # brighter, the same direction
+    d = self_distance(feats)  # (2, 1, 6, 6)
+    assert d.shape == (2, 1, 6, 6)
+    assert torch.allclose(d[0, 0, :2, :3], torch.ones(2, 3))  # orthogonal to the median
+    assert d[0, 0, 2:].abs().max() < 1e-6 and d[1].abs().max() < 1e-6
+    flat = torch.randn(3, 5, 7, 9)  # the median is torch.median's, by sorting
+    expected = torch.cosine_similarity(flat, flat.flatten(2).median(2).values[..., None, None])
+    assert torch.allclose(self_distance(flat)[:, 0], 1 - expected, atol=1e-6)
+
+
+def test_head_self_reference_feeds_the_shallowest_scales_distances_to_both_heads() -> None:
+    torch.manual_seed(0)
+    options = {"head_self_reference": 2, "wide_head": [0.1, 0.6]}
+    model = build_model("dest_ddpm", "resnet18", pretrained=False, options=options)
+    products = 128 + 256 + 512  # the teacher's strides 8-32
+    for head in (model.head, model.wide_head):
+        assert head[0][0].conv1.in_channels == products + 2
+    batch = _batch()
+    model.phase = "head"
+    model.train()
+    loss = model.loss(batch, model(batch["image"]))["loss"]
+    loss.backward()
+    first = model.head[0][0].conv1.weight.grad  # (64, products + 2, 3, 3)
+    assert first[:, products:].abs().sum() > 0  # the distances reach the loss
+    model.eval()
+    with torch.no_grad():
+        assert model(batch["image"]).anomaly_map.shape == (4, 64, 64)
+    for bad in (4, -1, True, 1.5):
+        with pytest.raises(KdadError, match="head_self_reference must be a count of scales"):
+            build_model(
+                "dest_ddpm", "resnet18", pretrained=False, options={"head_self_reference": bad}
+            )

@@ -97,6 +97,9 @@ class DeSTOptions(HeadOptions):
     # a second head, trained after the first in as many epochs of its own on Perlin masks of
     # thresholds in [lo, hi]; the map averages the two heads' (standardised); None: one head
     wide_head: tuple[float, float] | None = None
+    # the heads also see, at the map's k shallowest scales, each position's teacher feature
+    # against its own image's median (seghead.self_distance); 0: DeSTSeg's head
+    head_self_reference: int = 0
 
 
 class Denoised(NamedTuple):
@@ -147,13 +150,19 @@ class DeSTDDPM(KDModel, UNetStudent):
                 f"map_stages must be some of the model's stages {self.teacher.stages}, got {keep}"
             )
         self.map_scales = [i for i, n in enumerate(self.teacher.stages) if n in keep]
-        self.head = SegHead([ch[i] for i in self.map_scales], self.opt.head_width)
+        k, scales = self.opt.head_self_reference, len(self.map_scales)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= scales:
+            raise KdadError(
+                f"head_self_reference must be a count of scales, 0 to {scales}, got {k!r}"
+            )
+        head_in = [ch[i] for i in self.map_scales]
+        self.head = SegHead(head_in, self.opt.head_width, k)
         fresh = [] if self.opt.student == "unet" else [self.bottleneck, self.decoder]
         kaiming_init(*fresh, self.head)
         self.wide_head = None
         if self.opt.wide_head is not None:
             check_thresholds("wide_head", self.opt.wide_head)
-            self.wide_head = SegHead([ch[i] for i in self.map_scales], self.opt.head_width)
+            self.wide_head = SegHead(head_in, self.opt.head_width, k)
             kaiming_init(self.wide_head)
             # mean and std of the second head's map's pixels on held-out good images
             self.register_buffer("wide_normal", torch.tensor([0.0, 1.0]))

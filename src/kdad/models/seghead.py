@@ -123,15 +123,19 @@ class Logits(NamedTuple):
 class SegHead(nn.Sequential):
     """DeSTSeg's segmentation network: the per-scale products of the L2-normalised teacher and
     student features, negated, upsampled to the shallowest scale and concatenated -> two basic
-    residual blocks to ``width`` channels, ASPP, conv-BN-ReLU, 1x1 conv -> defect logits."""
+    residual blocks to ``width`` channels, ASPP, conv-BN-ReLU, 1x1 conv -> defect logits. With
+    ``self_reference`` k, the teacher's ``self_distance`` at its k shallowest scales joins the
+    products (not in DeSTSeg)."""
 
-    def __init__(self, channels: list[int], width: int) -> None:
+    def __init__(self, channels: list[int], width: int, self_reference: int = 0) -> None:
+        extra = min(self_reference, len(channels))  # a self_distance map per scale
         super().__init__(
-            make_stage("basic", sum(channels), width, 2, 1),
+            make_stage("basic", sum(channels) + extra, width, 2, 1),
             ASPP(width, width),
             conv_bn_relu(width, width),
             nn.Conv2d(width, 1, 1),
         )
+        self.self_reference = self_reference
 
     def segment(self, t: list[Tensor], s: list[Tensor]) -> Tensor:
         """Teacher and student features -> defect logits (B, 1, h, w) at the shallowest scale."""
@@ -142,7 +146,19 @@ class SegHead(nn.Sequential):
             )
             for a, b in zip(t, s)
         ]
+        for a in t[: self.self_reference]:  # the shallowest scales
+            prods.append(F.interpolate(self_distance(a), size=size, mode="bilinear"))
         return self(torch.cat(prods, 1))
+
+
+def self_distance(feats: Tensor) -> Tensor:
+    """Each position's feature against its own image's median feature, 1 - cos: a place that
+    differs from the rest of its part, whatever other parts look like. (B, C, h, w) -> (B, 1,
+    h, w). The lower median per channel, as torch.median's; sorting exports to ONNX, median
+    does not."""
+    flat = feats.flatten(2)  # (B, C, h * w)
+    median = flat.sort(2).values[..., (flat.shape[2] - 1) // 2, None, None]  # (B, C, 1, 1)
+    return 1 - F.cosine_similarity(feats, median.expand_as(feats), dim=1)[:, None]
 
 
 def head_map(logits: Tensor, size: tuple[int, int]) -> Tensor:
