@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/, for common
 sys.path.insert(0, str(Path(__file__).parent))  # bench/analyses/, for dest_scores
 from common import write_result
 from dest_scores import KEYS, outputs, rescored_samples, student_map, z
 
+from kdad.cli import key_value
 from kdad.config import RunConfig
 from kdad.data.layouts import training_samples
 from kdad.detector import Detector
@@ -170,14 +170,6 @@ def score(a: Path, b: Path, half: str, out: str, weights: tuple[float, ...] = ()
     )
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> (key, value read as YAML)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--option: expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -186,7 +178,9 @@ def main() -> None:
     t.add_argument("--mask-thresholds", type=float, nargs=2, required=True)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="default: the run's")
-    t.add_argument("--option", action="append", default=[], help="KEY=VALUE, a model option")
+    t.add_argument(
+        "--option", type=key_value, action="append", default=[], help="KEY=VALUE, a model option"
+    )
     s = sub.add_parser("score")
     s.add_argument("a", type=Path)
     s.add_argument("b", type=Path)
@@ -198,8 +192,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.command == "train":
-        extra = dict(_key_value(o) for o in args.option)
-        train(args.run, args.mask_thresholds, args.out, args.lr_schedule, extra)
+        train(args.run, args.mask_thresholds, args.out, args.lr_schedule, dict(args.option))
     elif args.command == "split":
         split(args.checkpoint, args.out)
     else:

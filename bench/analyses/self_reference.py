@@ -34,6 +34,7 @@ from kdad.data.layouts import Sample, training_samples
 from kdad.detector import Detector
 from kdad.metrics import compute_metrics
 from kdad.models.layers import GaussianBlur
+from kdad.models.seghead import self_distance
 
 WEIGHTS = (0.25, 0.5, 1.0)
 
@@ -50,11 +51,9 @@ def position_means(det: Detector, samples: list[Sample], batch: int = 16) -> lis
     return [s / n for s in sums]
 
 
-def distance(f: Tensor, ref: Tensor, size: tuple[int, int]) -> Tensor:
-    """1 - cos between features (B, C, h, w) and ``ref`` (broadcast to them), at ``size``,
-    smoothed by the model's sigma (4 px): (B, H, W)."""
-    d = 1 - F.cosine_similarity(f, ref.expand_as(f), dim=1)  # (B, h, w)
-    up = F.interpolate(d[:, None], size=size, mode="bilinear", align_corners=False)
+def smoothed(d: Tensor, size: tuple[int, int]) -> Tensor:
+    """A distance map (B, 1, h, w) at ``size``, smoothed by the model's sigma (4 px): (B, H, W)."""
+    up = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
     return GaussianBlur(4.0)(up[:, 0])
 
 
@@ -75,9 +74,13 @@ def maps_of(
         out["score"].append(o.score)
         out["masks"].append(chunk["mask"] > 0.5)
         size = tuple(x.shape[-2:])
-        medians = [f.flatten(2).median(2).values[..., None, None] for f in feats]  # (B, C, 1, 1)
-        out["self"].append(torch.stack([distance(f, m, size) for f, m in zip(feats, medians)], 1))
-        out["position"].append(torch.stack([distance(f, m, size) for f, m in zip(feats, means)], 1))
+        selfs = [smoothed(self_distance(f), size) for f in feats]
+        positions = [
+            smoothed(1 - F.cosine_similarity(f, m.expand_as(f), dim=1)[:, None], size)
+            for f, m in zip(feats, means)
+        ]
+        out["self"].append(torch.stack(selfs, 1))
+        out["position"].append(torch.stack(positions, 1))
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 

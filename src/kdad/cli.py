@@ -106,7 +106,7 @@ def _image_size_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, value read as YAML: numbers, booleans, lists)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--option",
         action="append",
         dest="options",
-        type=_key_value,
+        type=key_value,
         metavar="KEY=VALUE",
         help="a model option (see docs/models.md), YAML value; repeatable",
     )
