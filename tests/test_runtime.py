@@ -63,6 +63,44 @@ def test_a_graph_is_reused_until_the_weights_change(graph_cache: Path) -> None:
     assert make_scorer(model, (32, 32), "pytorch").runtime == "pytorch"
 
 
+def _rd(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("rd", "efficientnet_lite0", pretrained=False).eval()
+
+
+def _reproduces(scorer: GraphScorer, model: torch.nn.Module, x: torch.Tensor) -> bool:
+    ref, got = EagerScorer(model)(x), scorer(x)
+    return all(
+        float((a - b).abs().max()) <= TOLERANCE * max(float(a.abs().max()), 1.0)
+        for a, b in ((ref.anomaly_map, got.anomaly_map), (ref.score, got.score))
+    )
+
+
+def test_a_model_of_a_known_architecture_gets_its_graph_from_the_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDAD_CACHE", str(tmp_path))
+    first = make_scorer(_rd(0), (32, 32), "onnxruntime")  # exported, its template kept
+    (template,) = (tmp_path / "graphs").glob("*.template.onnx")
+    other = _rd(1)  # other weights, and another fitted buffer
+    other.scale_weights.copy_(torch.tensor([0.5, 1.0, 2.0]))
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.onnx, "export", no_export)
+        filled = make_scorer(other, (32, 32), "onnxruntime")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert filled.path != first.path and _reproduces(filled, other, x)
+    assert not torch.allclose(filled(x).score, first(x).score)
+
+    template.write_bytes(b"not a graph")  # a template that cannot be used: exported afresh
+    third = _rd(2)
+    assert _reproduces(make_scorer(third, (32, 32), "onnxruntime"), third, x)
+    assert template.stat().st_size > 1000 and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_a_runtime_not_there_or_unknown_is_a_clear_error() -> None:
     model = build_model("rd", "efficientnet_lite0", pretrained=False).eval()
     with pytest.raises(KdadError, match="runtime must be one of"):

@@ -8,6 +8,11 @@ checked against PyTorch on random input before use (maps and scores within 1e-4 
 Writing a graph takes seconds, so it is kept in a cache folder (``KDAD_CACHE``, else
 ``~/.cache/kdad``), named by a hash of the weights, the config, the code and the library
 versions that made it: the next load of the same model reuses it, any change writes a new one.
+Beside each graph goes its template, the exported graph before optimisation, named by the same
+hash without the weights' values: a model of the same architecture (another seed, a retrained
+run) puts its weights into the template instead of exporting again (under a second against 10 s
+or more), and the result is checked like any graph; one that does not reproduce PyTorch is
+exported afresh.
 Each use marks a graph as used; graphs unused for ``KEEP_DAYS`` go when a new one is written,
 and so do the exports `kdad serve` keeps there (export.cached_export).
 """
@@ -147,38 +152,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdad"
 
 
-def graph_key(model: KDModel, hw: tuple[int, int], extra: object = None) -> str:
+def graph_key(
+    model: KDModel, hw: tuple[int, int], extra: object = None, weights: bool = True
+) -> str:
     """A hash of everything the graph depends on: weights, config, input size, code, versions
-    (and ``extra``, by its repr: what else a graph holds, e.g. a calibration)."""
+    (and ``extra``, by its repr: what else a graph holds, e.g. a calibration). Without
+    ``weights``, the state dict counts by its names, shapes and dtypes (a template's key); the
+    buffers outside it (fixed kernels) count by value either way."""
     from importlib.metadata import version
 
     h = hashlib.sha256()
     versions = (torch.__version__, version("onnxruntime"), version("onnx"), version("onnxscript"))
-    h.update(repr((type(model).__name__, model.opt, hw, versions, extra)).encode())
-    for name, t in model.state_dict().items():
+    h.update(repr((type(model).__name__, model.opt, hw, versions, extra, weights)).encode())
+    state = model.state_dict()
+    for name, t in state.items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if weights:
+            h.update(_bytes(t))
+        else:
+            h.update(repr((tuple(t.shape), t.dtype)).encode())
+    for name, t in model.named_buffers():
+        if name not in state:
+            h.update(name.encode())
+            h.update(_bytes(t))
     for path in sorted(SRC.rglob("*.py")):
         h.update(path.read_bytes())
     return h.hexdigest()[:20]
 
 
+def _bytes(t: Tensor) -> np.ndarray:
+    """A tensor's values as bytes, for hashing."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def cached_graph(model: KDModel, hw: tuple[int, int]) -> Path:
-    """The model's graph from the cache, written (and checked against PyTorch) when absent."""
-    path = cache_dir() / "graphs" / f"{graph_key(model, hw)}.onnx"
+    """The model's graph from the cache, written (and checked against PyTorch) when absent: from
+    its architecture's template where there is one, else exported."""
+    folder = cache_dir() / "graphs"
+    path = folder / f"{graph_key(model, hw)}.onnx"
     if path.is_file():
         os.utime(path)  # used now
         return path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KdadError(f"{path.parent}: cannot keep the model's graph there ({e})") from e
+        raise KdadError(f"{folder}: cannot keep the model's graph there ({e})") from e
+    template = folder / f"{graph_key(model, hw, weights=False)}.template.onnx"
     example = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
 
     def write(tmp: Path) -> None:
+        if template.is_file():
+            os.utime(template)  # used now
+            try:
+                fill_template(template, model, tmp)
+                check_graph(model, GraphScorer(tmp, "onnxruntime", threads), example)
+                return
+            except KdadError:
+                pass  # a template this model's weights do not fit: export afresh, below
         write_onnx(model, example, tmp, {"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                   ["x"], ["map", "score"])  # fmt: skip
-        check_graph(model, GraphScorer(tmp, "onnxruntime", torch.get_num_threads()), example)
+                   ["x"], ["map", "score"], template=template)  # fmt: skip
+        check_graph(model, GraphScorer(tmp, "onnxruntime", threads), example)
 
     atomic_write(path, write)
     prune(path.parent)
@@ -232,21 +266,45 @@ def write_onnx(
     input_names: list[str],
     output_names: list[str],
     opset: int = 18,
+    template: Path | None = None,
 ) -> None:
-    """``module`` (in eval) as one self-contained ONNX file at ``path``, by torch.export."""
+    """``module`` (in eval) as one self-contained ONNX file at ``path``, by torch.export; with
+    ``template``, the graph before optimisation is also written there (fill_template)."""
     try:
         with _quiet_export(), torch.no_grad():
-            torch.onnx.export(
+            program = torch.onnx.export(
                 module,
                 (example,),
-                str(path),
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 dynamo=True,
-                external_data=False,
+                optimize=False,
                 verbose=False,
             )
+            if template is not None:
+                atomic_write(template, lambda tmp: program.save(tmp, external_data=False))
+            program.optimize()
+            program.save(path, external_data=False)
     except Exception as e:  # the exporter raises many types; the cause is kept
         raise KdadError(f"{type(module).__name__} could not be exported to ONNX ({e})") from e
+
+
+def fill_template(template: Path, module: nn.Module, path: Path) -> None:
+    """The graph write_onnx writes for ``module``, made from ``template`` (the graph before
+    optimisation of a module of the same architecture): its weights are put in by name, then
+    the graph is optimised as the exporter does. The caller checks the result."""
+    from onnxscript import ir
+
+    try:
+        with _quiet_export():
+            program = torch.onnx.ONNXProgram(ir.load(template), None)
+            initializers = program.model.graph.initializers
+            program.apply_weights(
+                {k: v.detach() for k, v in module.state_dict().items() if k in initializers}
+            )
+            program.optimize()
+            program.save(path, external_data=False)
+    except Exception as e:  # onnx and the IR raise many types; the cause is kept
+        raise KdadError(f"{template}: not a usable graph template ({e})") from e
