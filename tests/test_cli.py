@@ -167,7 +167,11 @@ def test_train_test_predict(model: str, tmp_path: Path) -> None:
         x0, y0, x1, y1 = x["instances"][0]["box"]
         assert truth[y0:y1, x0:x1].any()
 
-    # Exported: one ONNX graph run by onnxruntime gives PyTorch's maps and decisions.
+    # Exported: one ONNX graph run by onnxruntime gives PyTorch's maps and decisions. The
+    # export's model part is the model's graph, which test_runtime checks for every model; its
+    # pre- and post-processing are the same for all, so the slow tier's models skip it.
+    if model not in FAST:
+        return
     export = tmp_path / "export"
     kdad_cli("export", "--checkpoint", str(run), "--format", "onnx", "--out", str(export))
     files = sorted((data / "test").rglob("*.png"))
