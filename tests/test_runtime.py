@@ -38,15 +38,18 @@ def test_every_model_answers_in_onnxruntime_what_it_answers_in_pytorch(
 
 
 def test_a_graph_is_reused_until_the_weights_change(graph_cache: Path) -> None:
-    stale, recent = graph_cache / "graphs" / "stale.onnx", graph_cache / "graphs" / "recent.onnx"
-    stale.parent.mkdir(exist_ok=True)
-    for path, days in ((stale, KEEP_DAYS + 1), (recent, KEEP_DAYS - 1)):
+    graphs = graph_cache / "graphs"
+    stale, recent = graphs / "stale.onnx", graphs / "recent.onnx"
+    killed = graphs / ".stale.onnx.0123abcd.tmp"  # the temporary file of a killed writer
+    graphs.mkdir(exist_ok=True)
+    for path, days in ((stale, KEEP_DAYS + 1), (killed, KEEP_DAYS + 1), (recent, KEEP_DAYS - 1)):
         path.write_bytes(b"")
         past = time.time() - days * 86400
         os.utime(path, (past, past))
     model = build_model("rd", "efficientnet_lite0", pretrained=False).eval()
     first = make_scorer(model, (32, 32), "auto")
-    assert not stale.exists() and recent.exists()  # unused graphs go when one is written
+    assert not stale.exists() and not killed.exists()  # unused files go when a graph is written
+    assert recent.exists()
     assert isinstance(first, GraphScorer)  # auto on the CPU
     past, inode = time.time() - 86400, first.path.stat().st_ino
     os.utime(first.path, (past, past))

@@ -220,9 +220,9 @@ def cached_graph(model: KDModel, hw: tuple[int, int]) -> Path:
 
 
 def prune(folder: Path, days: float = KEEP_DAYS) -> None:
-    """Remove the graphs (``*.onnx``) and exports (folders) in ``folder`` unused for ``days``
-    (their modification time is their last use); one that another process removes first is
-    left to it."""
+    """Remove the graphs and templates (``*.onnx``), exports (folders) and temporary files of
+    killed writers (``*.tmp``) in ``folder`` unused for ``days`` (their modification time is
+    their last use); one that another process removes first is left to it."""
     cutoff = time.time() - days * 86400
     for old in folder.iterdir():
         with contextlib.suppress(FileNotFoundError):
@@ -230,7 +230,7 @@ def prune(folder: Path, days: float = KEEP_DAYS) -> None:
                 continue
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
-            elif old.suffix == ".onnx":
+            elif old.suffix in (".onnx", ".tmp"):
                 old.unlink()
 
 
